@@ -1,0 +1,11 @@
+"""Kernels of the sparse LM head. Each file: Triton kernel, launcher, pure-torch `*_ref`, registered op."""
+from ._triton import HAS_TRITON
+from .delta_gather import delta_gather_, delta_gather_ref, delta_gather_triton
+from .sparse_logits import (packed_logits, packed_logits_ref, packed_logits_triton, sparse_logits,
+                            sparse_logits_ref, sparse_logits_triton)
+
+__all__ = [
+    "HAS_TRITON", "sparse_logits", "sparse_logits_ref", "sparse_logits_triton",
+    "packed_logits", "packed_logits_ref", "packed_logits_triton",
+    "delta_gather_", "delta_gather_ref", "delta_gather_triton",
+]

@@ -1,0 +1,84 @@
+"""Delta gather: copy into the repack buffer only the LM-head rows whose slot changed.
+
+    for every (r, s) with want[r, s] >= 0 and want[r, s] != have[r, s]:  rows[r, s] = weight[want[r, s]]
+    then have = want
+
+`want` is the policy's active_ids [R, C] (-1 on padding), `have` [R, C] records which id each slot of `rows`
+[R, C, D] currently holds. Because policies keep resident ids in their slots, a verification step that adds
+a handful of ids costs a handful of row copies, not C. The kernel decides on the device which slots changed:
+no host sync, fixed grid, so it can be captured in a CUDA graph and run on a side stream while the drafter
+computes its layers (`SparseLMHead` does that).
+
+`delta_gather_ref` is the torch twin: a full `where` over all slots (same result, C rows read).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, next_pow2, tl, triton, triton_available_for
+
+
+def delta_gather_ref(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor) -> None:
+    changed = (want >= 0) & (want != have)                                            # [R, C]
+    rows.copy_(torch.where(changed.unsqueeze(-1), weight[want.clamp(min=0)], rows))
+    have.copy_(want)
+
+
+def check_args(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor) -> None:
+    if rows.dim() != 3 or want.shape != rows.shape[:2] or have.shape != want.shape:
+        raise ValueError(f"expected rows [R, C, D] with want/have [R, C]; got rows {tuple(rows.shape)}, "
+                         f"want {tuple(want.shape)}, have {tuple(have.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != rows.shape[2] or weight.dtype != rows.dtype:
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match rows "
+                         f"{tuple(rows.shape)} {rows.dtype}")
+    if want.dtype not in (torch.int32, torch.int64) or have.dtype != want.dtype:
+        raise TypeError(f"want/have must share an int32/int64 dtype, got {want.dtype}/{have.dtype}")
+    if not rows.is_contiguous() or weight.stride(-1) != 1:
+        raise ValueError("rows must be contiguous and weight rows unit-stride")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _delta_gather_kernel(
+        w_ptr, want_ptr, have_ptr, rows_ptr,
+        C, D, stride_w, stride_ids_r, stride_rows_r, stride_rows_s,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Program (r, slot block, d block) copies the changed rows of its slot block, one d block wide.
+        r = tl.program_id(0).to(tl.int64)
+        slots = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        ds = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        s_ok = slots < C
+        want = tl.load(want_ptr + r * stride_ids_r + slots, mask=s_ok, other=-1).to(tl.int64)
+        have = tl.load(have_ptr + r * stride_ids_r + slots, mask=s_ok, other=-1).to(tl.int64)
+        changed = s_ok & (want >= 0) & (want != have)
+        m = changed[:, None] & (ds < D)[None, :]
+        vals = tl.load(w_ptr + want[:, None] * stride_w + ds[None, :], mask=m)
+        tl.store(rows_ptr + r * stride_rows_r + slots[:, None].to(tl.int64) * stride_rows_s + ds[None, :], vals,
+                 mask=m)
+
+
+def delta_gather_triton(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor,
+                        block_s: int = 16, block_d: int = 256, num_warps: int = 4) -> None:
+    """Triton delta gather; same contract as `delta_gather_ref`."""
+    check_args(weight, want, have, rows)
+    R, C, D = rows.shape
+    block_d = min(block_d, next_pow2(D))
+    grid = (R, triton.cdiv(C, block_s), triton.cdiv(D, block_d))
+    _delta_gather_kernel[grid](
+        weight, want, have, rows, C, D,
+        weight.stride(0), want.stride(0), rows.stride(0), rows.stride(1),
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    have.copy_(want)  # after the kernel: every program must compare against the old `have`
+
+
+@torch.library.custom_op("microspec::delta_gather_", mutates_args=("have", "rows"))
+def delta_gather_(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor) -> None:
+    """Refresh `rows` from `weight` where `want` differs from `have`; Triton on CUDA, torch elsewhere."""
+    if triton_available_for(rows):
+        delta_gather_triton(weight, want, have, rows)
+    else:
+        delta_gather_ref(weight, want, have, rows)

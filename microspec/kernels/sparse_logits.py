@@ -1,0 +1,157 @@
+"""Logits over an active set of LM-head rows: the fused gather-GEMV, and the GEMV over a repack buffer.
+
+    gather path:  logits[b, t, s] = hidden[b, t] · weight[active_ids[r, s]]     (rows read by index)
+    packed path:  logits[b, t, s] = hidden[b, t] · rows[r, s]                   (rows pre-gathered)
+
+with r = b for per-row sets (R = B) or r = 0 for a shared set (R = 1), and logits = -inf on padding slots
+s >= n_active[r], so padding can never be drafted. Accumulation is float32 (float64 inputs stay float64 in
+the reference).
+
+Shapes: hidden [B, T, D] (T small: the tokens scored per row, 1 when drafting a chain), weight [V, D],
+rows [R, C, D], active_ids int64 [R, C] (-1 on padding), n_active int64 [R]  ->  logits [B, T, C].
+
+Each entry point is a `torch.library.custom_op` (`microspec::sparse_logits`, `microspec::packed_logits`)
+with a fake implementation, so `torch.compile(fullgraph=True)` traces through it without a graph break.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, next_pow2, tl, triton, triton_available_for
+
+
+def _out_dtype(hidden: Tensor) -> torch.dtype:
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _pad_mask(n_active: Tensor, capacity: int) -> Tensor:
+    """[R, 1, C] True on padding slots."""
+    return (torch.arange(capacity, device=n_active.device) >= n_active.unsqueeze(-1)).unsqueeze(1)
+
+
+def packed_logits_ref(hidden: Tensor, rows: Tensor, n_active: Tensor) -> Tensor:
+    """Reference of the packed path: [B, T, D] x [R, C, D] -> [B, T, C] (R in {1, B})."""
+    dt = _out_dtype(hidden)
+    logits = torch.matmul(hidden.to(dt), rows.to(dt).transpose(-1, -2))                # [B, T, C]
+    return logits.masked_fill(_pad_mask(n_active, rows.shape[-2]), float("-inf"))
+
+
+def sparse_logits_ref(hidden: Tensor, weight: Tensor, active_ids: Tensor, n_active: Tensor) -> Tensor:
+    """Reference of the gather path: reads weight[active_ids] (padding ids -1 read row 0, then masked)."""
+    return packed_logits_ref(hidden, weight[active_ids.clamp(min=0)], n_active)
+
+
+def check_args(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: Tensor) -> None:
+    """Raise a clear error for inputs the kernels cannot take (before anything is launched)."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != table.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} != LM-head row size {table.shape[-1]}")
+    if not hidden.is_floating_point() or hidden.dtype != table.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and LM-head rows ({table.dtype}) must share a float dtype")
+    for name, t in (("active_ids", active_ids), ("n_active", n_active)):
+        if t is not None and t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    rows = n_active.shape[0]
+    if rows not in (1, hidden.shape[0]):
+        raise ValueError(f"active set has {rows} rows; expected 1 (shared) or the batch size {hidden.shape[0]}")
+    devices = {t.device for t in (hidden, table, active_ids, n_active) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_logits_kernel(
+        h_ptr, table_ptr, ids_ptr, n_ptr, out_ptr,
+        T, C, D,
+        stride_hb, stride_ht, stride_table_r, stride_table_row, stride_ids_r, stride_ob, stride_ot,
+        SHARED: tl.constexpr, PACKED: tl.constexpr,
+        T_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program scores BLOCK_C slots of one batch row for all T tokens of that row.
+        b = tl.program_id(0).to(tl.int64)
+        slots = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r = 0 if SHARED else b
+        live = slots < tl.load(n_ptr + r)                   # padding slots: never read, logit -inf
+        if PACKED:
+            row_off = r * stride_table_r + slots.to(tl.int64) * stride_table_row
+        else:
+            ids = tl.load(ids_ptr + r * stride_ids_r + slots, mask=live, other=0).to(tl.int64)
+            row_off = ids * stride_table_row
+        ts = tl.arange(0, T_PAD)
+        t_ok = ts < T
+        acc = tl.zeros((T_PAD, BLOCK_C), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            w = tl.load(table_ptr + row_off[:, None] + ds[None, :],
+                        mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)          # [BLOCK_C, BLOCK_D]
+            h = tl.load(h_ptr + b * stride_hb + ts[:, None] * stride_ht + ds[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)          # [T_PAD, BLOCK_D]
+            acc += tl.sum(h[:, None, :] * w[None, :, :], axis=2)
+        acc = tl.where(live[None, :], acc, float("-inf"))
+        tl.store(out_ptr + b * stride_ob + ts[:, None] * stride_ot + slots[None, :], acc,
+                 mask=t_ok[:, None] & (slots < C)[None, :])
+
+
+def _launch(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: Tensor, packed: bool,
+            block_c: int = 64, block_d: int = 128, num_warps: int = 4) -> Tensor:
+    B, T, D = hidden.shape
+    C = table.shape[-2] if packed else active_ids.shape[-1]
+    hidden = hidden.contiguous() if hidden.stride(-1) != 1 else hidden
+    table = table.contiguous() if table.stride(-1) != 1 else table
+    out = torch.empty((B, T, C), dtype=torch.float32, device=hidden.device)
+    ids = active_ids if active_ids is not None else n_active          # unused by the packed kernel
+    grid = (B, triton.cdiv(C, block_c))
+    _sparse_logits_kernel[grid](
+        hidden, table, ids, n_active, out,
+        T, C, D,
+        hidden.stride(0), hidden.stride(1),
+        table.stride(0) if packed else 0, table.stride(-2), ids.stride(0) if ids.dim() == 2 else 0,
+        out.stride(0), out.stride(1),
+        SHARED=n_active.shape[0] == 1, PACKED=packed,
+        T_PAD=max(next_pow2(T), 1), BLOCK_C=block_c, BLOCK_D=min(block_d, next_pow2(D)),
+        num_warps=num_warps,
+    )
+    return out
+
+
+def sparse_logits_triton(hidden: Tensor, weight: Tensor, active_ids: Tensor, n_active: Tensor, **cfg) -> Tensor:
+    """Triton fused gather-GEMV. Same contract as `sparse_logits_ref` (float32 output)."""
+    check_args(hidden, weight, active_ids, n_active)
+    return _launch(hidden, weight, active_ids, n_active, packed=False, **cfg)
+
+
+def packed_logits_triton(hidden: Tensor, rows: Tensor, n_active: Tensor, **cfg) -> Tensor:
+    """Triton GEMV over a repack buffer rows [R, C, D]. Same contract as `packed_logits_ref`."""
+    check_args(hidden, rows, None, n_active)
+    return _launch(hidden, rows, None, n_active, packed=True, **cfg)
+
+
+@torch.library.custom_op("microspec::sparse_logits", mutates_args=())
+def sparse_logits(hidden: Tensor, weight: Tensor, active_ids: Tensor, n_active: Tensor) -> Tensor:
+    """Gather-GEMV over the active rows of `weight`; Triton on CUDA, the torch reference elsewhere."""
+    if triton_available_for(hidden) and hidden.dtype != torch.float64:
+        return _launch(hidden, weight, active_ids, n_active, packed=False)
+    return sparse_logits_ref(hidden, weight, active_ids, n_active)
+
+
+@sparse_logits.register_fake
+def _(hidden, weight, active_ids, n_active):
+    return hidden.new_empty((*hidden.shape[:2], active_ids.shape[-1]), dtype=_out_dtype(hidden))
+
+
+@torch.library.custom_op("microspec::packed_logits", mutates_args=())
+def packed_logits(hidden: Tensor, rows: Tensor, n_active: Tensor) -> Tensor:
+    """GEMV over a repack buffer; Triton on CUDA, the torch reference elsewhere."""
+    if triton_available_for(hidden) and hidden.dtype != torch.float64:
+        return _launch(hidden, rows, None, n_active, packed=True)
+    return packed_logits_ref(hidden, rows, n_active)
+
+
+@packed_logits.register_fake
+def _(hidden, rows, n_active):
+    return hidden.new_empty((*hidden.shape[:2], rows.shape[-2]), dtype=_out_dtype(hidden))

@@ -1,0 +1,145 @@
+"""`InContextPolicy` (MicroSpec / NanoSpec): the vocabulary the context itself suggests.
+
+The set of a request is
+    prompt ids  ∪  the target's top-k ids at every prompt position            (prefill)
+    ∪  committed ids  ∪  the target's top-k ids at every verified position    (after each verification)
+which reaches a few thousand ids where the full vocabulary has 128k-262k (NanoSpec reports < 3k).
+
+What the released MicroSpec code lacks and this policy adds:
+  * batch > 1 (one set per row) with all set operations on device state: an id -> slot map [B, V], a
+    slot -> id buffer [B, C] and per-slot time stamps; no Python sets, no `.tolist()`, no host sync;
+  * an eviction rule at the cap ("lru": least recently committed or predicted, "fifo": oldest insertion)
+    instead of silently no longer growing (`eviction=None` keeps MicroSpec's grow-only behaviour);
+  * an optional static core (`core_ids`, e.g. the most frequent ids) pinned next to the special ids, so a
+    short prompt does not start from an almost empty set.
+
+Drafted-but-rejected tokens never enter: the policy sees committed tokens only. (Drafted tokens come from the
+set, so "drafted ids" add nothing MicroSpec's set did not already hold; accepted ones refresh their stamp.)
+
+Slot layout: [0, n_pinned) special + core ids, never evicted; [n_pinned, n_active) context ids. A new id
+takes the first free slot, or at the cap the slot of the evicted id, so a resident id never moves.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import VocabPolicy
+
+_NEVER = torch.iinfo(torch.long).max  # eviction key of a slot that may not be reused
+
+
+class InContextPolicy(VocabPolicy):
+    """Per-request in-context vocabulary with an eviction rule.
+
+    Args:
+        capacity:  slots per row (NanoSpec hard-codes 3072).
+        topk:      the target's top-k ids added per position (NanoSpec: 3); 0 adds only the tokens themselves.
+        eviction:  "lru" (default), "fifo", or None (grow-only: ids that do not fit are dropped).
+        core_ids:  ids pinned in every row for the whole request, e.g. `load_token_map(path)[:512]`.
+
+    Example:
+        >>> policy = InContextPolicy(capacity=8, topk=0)
+        >>> policy.setup(batch_size=1, vocab_size=100, special_ids=[0], device="cpu")
+        >>> policy.on_prefill(torch.tensor([[5, 7, 5]]), torch.ones(1, 3, dtype=torch.bool))
+        >>> policy.active()[0][0, :policy.n_active[0]].tolist()   # EOS, then newest prompt tokens first
+        [0, 5, 7]
+    """
+
+    def __init__(self, capacity: int = 3072, topk: int = 3, eviction: str | None = "lru", core_ids=None):
+        super().__init__(capacity)
+        if eviction not in ("lru", "fifo", None):
+            raise ValueError(f"eviction must be 'lru', 'fifo' or None, got {eviction!r}")
+        if not isinstance(topk, int) or topk < 0:
+            raise ValueError(f"topk must be an int >= 0, got {topk!r}")
+        self.target_topk = topk
+        self.eviction = eviction
+        self.core_ids = None if core_ids is None else torch.as_tensor(core_ids, dtype=torch.long).flatten()
+        self._n_pinned = 0
+
+    # ------------------------------------------------------------------ host side
+    def _allocate(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        C, V = self.capacity, vocab_size
+        # Each buffer has one extra "sink" column: masked-out scatters write there, so every scatter keeps a
+        # static shape without ever clobbering a live entry.
+        self._ids = torch.full((rows, C + 1), -1, dtype=torch.long, device=device)       # slot -> id
+        self._stamp = torch.zeros((rows, C + 1), dtype=torch.long, device=device)        # slot -> last use
+        self._slot_of = torch.full((rows, V + 1), -1, dtype=torch.long, device=device)   # id -> slot
+        self._first = torch.zeros((rows, V + 1), dtype=torch.long, device=device)        # dedupe scratch
+        self._clock = torch.zeros(1, dtype=torch.long, device=device)
+        self._slots = torch.arange(C, device=device)
+
+    def _reset(self) -> None:
+        pinned = self.special_ids
+        if self.core_ids is not None:
+            core = self.core_ids[self.core_ids < self.vocab_size].to(self.device)
+            core = core[~torch.isin(core, pinned)]
+            pinned = torch.cat([pinned, core[: self.capacity - pinned.numel()]])
+        n = self._n_pinned = pinned.numel()
+        self._ids.fill_(-1)
+        self._ids[:, :n] = pinned
+        self._slot_of.fill_(-1)
+        self._slot_of[:, pinned] = torch.arange(n, device=self.device)
+        self._stamp.zero_()
+        self._first.fill_(-1)
+        self._clock.zero_()
+        self.n_active.fill_(n)
+        self.active_ids.copy_(self._ids[:, : self.capacity])
+
+    # ------------------------------------------------------------------ device side
+    def on_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, target_topk: Tensor | None = None) -> None:
+        # Newest positions first: when the prompt alone overflows the capacity, the recent context wins.
+        cand = prompt_ids.unsqueeze(-1)
+        if target_topk is not None and self.target_topk:
+            cand = torch.cat([cand, target_topk[..., : self.target_topk]], dim=-1)      # [B, L, 1+k]
+        valid = prompt_mask.unsqueeze(-1).expand_as(cand)
+        self._insert(cand.flip(1).flatten(1), valid.flip(1).flatten(1))
+
+    def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None) -> None:
+        cand, valid = committed_ids, committed_mask                                      # [B, M]
+        if target_topk is not None and self.target_topk:
+            top = target_topk[..., : self.target_topk]                                   # [B, M, k]
+            cand = torch.cat([cand, top.flatten(1)], dim=1)
+            valid = torch.cat([valid, committed_mask.unsqueeze(-1).expand_as(top).flatten(1)], dim=1)
+        self._insert(cand, valid)
+
+    def _insert(self, cand: Tensor, valid: Tensor) -> None:
+        """Add ids cand [B, M] where valid [B, M], in priority order (earlier entries first). No host sync."""
+        C, V = self.capacity, self.vocab_size
+        R, M = cand.shape
+        self._clock.add_(1)
+        clock = self._clock.expand(R, M)
+        x = torch.where(valid, cand, V)                                                  # invalid -> sink id
+        # 1. Keep the first occurrence of each id (order-preserving dedupe through a [B, V] scratch).
+        pos = torch.arange(M, device=cand.device).expand(R, M)
+        self._first.scatter_reduce_(1, x, pos, "amin", include_self=False)
+        is_first = valid & (self._first.gather(1, x) == pos)
+        # 2. Split into ids already resident (hits) and new ids.
+        slot = self._slot_of.gather(1, x)
+        hit, new = is_first & (slot >= 0), is_first & (slot < 0)
+        if self.eviction == "lru":
+            self._stamp.scatter_(1, torch.where(hit, slot, C), clock)
+        # 3. Rank the slots a new id may take: free slots first (in slot order), then occupied unpinned
+        #    slots from the oldest stamp; pinned slots (and, without eviction, occupied ones) never.
+        occupied = self._slots < self.n_active.unsqueeze(1)                              # [B, C]
+        key = torch.where(occupied, self._stamp[:, :C] * (C + 1) + self._slots, self._slots - (C + 1))
+        key = torch.where(self._slots < self._n_pinned, _NEVER, key)
+        if self.eviction is None:
+            key = torch.where(occupied, _NEVER, key)
+        order = torch.topk(key, min(M, C), dim=1, largest=False, sorted=True).indices   # [B, min(M, C)]
+        room = (key != _NEVER).sum(1, keepdim=True)                                      # [B, 1]
+        rank = new.cumsum(1) - 1
+        ok = new & (rank < room)
+        dest = torch.where(ok, order.gather(1, rank.clamp(0, order.shape[1] - 1)), C)    # [B, M], C = sink
+        # 4. Evict what lived in the destination slots, then install the new ids.
+        old = self._ids.gather(1, dest)
+        self._slot_of.scatter_(1, torch.where(ok & (old >= 0), old, V), -1)
+        self._slot_of.scatter_(1, torch.where(ok, x, V), dest)
+        self._ids.scatter_(1, dest, x)
+        self._stamp.scatter_(1, dest, clock)
+        self.n_active.copy_(torch.clamp(self.n_active + ok.sum(1), max=C))
+        self.active_ids.copy_(self._ids[:, :C])
+
+    def extra_repr(self) -> str:
+        core = 0 if self.core_ids is None else self.core_ids.numel()
+        return f"capacity={self.capacity}, topk={self.target_topk}, eviction={self.eviction!r}, core={core}"

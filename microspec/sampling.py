@@ -1,0 +1,169 @@
+"""Draft sampling and lossless verification, with no host synchronisation.
+
+Invariants (TESTING.md §1):
+  * Greedy: the draft token is the argmax of the drafter's logits restricted to the active set S; a token is
+    accepted iff it equals the target's argmax; the committed tokens are exactly the target's argmaxes, so a
+    greedy `SpecDecoder` emits the target's own greedy output.
+  * Sampling: q = softmax(processed draft logits over S), exactly 0 outside S and on padding slots, and it is
+    returned by the same function that samples the draft token (`draft_sample`). The target p is the
+    processed distribution over the target's full vocabulary. Draft x is accepted iff u·q(x) < p(x) with
+    u ~ U[0, 1) in float64 (strict, so p(x) = 0 is never accepted); at the first rejection the token is drawn
+    from (p − q)+ / Σ(p − q)+, or from p when that sum is 0; when all K drafts pass, a bonus token is drawn
+    from p at position K+1.
+  * Temperature, top-k and top-p are applied the same way to p and to q (Hugging Face order and semantics:
+    temperature, then top-k keeping ties at the k-th value, then top-p keeping at least one token).
+
+Randomness is an input (RNG tensors drawn by the caller), so a captured graph replays with fresh noise and a
+test can feed the same noise to an implementation and its reference. Categorical draws use the exponential
+race: argmax(w / E) with E = -log(U), U ~ U[0, 1), which samples index i with probability w_i / Σw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen; the same processing is applied to the drafter and the target."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not self.do_sample:
+            return
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def process_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """Temperature, top-k, top-p over the last dim; returns float32 (float64 stays float64). [..., N]."""
+    out = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if not cfg.do_sample:
+        return out
+    if cfg.temperature != 1.0:
+        out = out / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < out.shape[-1]:
+        kth = torch.topk(out, cfg.top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1)                     # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1.0 - cfg.top_p
+        drop_sorted[..., -1] = False                                       # always keep the top token
+        out = out.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return out
+
+
+def safe_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax over the last dim, with rows that are entirely -inf mapped to all-zero probabilities.
+
+    Returns (probs, has_mass) where has_mass [...] is False for those rows. NaN logits stay NaN (the caller
+    flags them); they never turn into a valid-looking distribution.
+    """
+    top = logits.amax(-1, keepdim=True)
+    has_mass = top.squeeze(-1) > float("-inf")
+    probs = (logits - torch.where(has_mass.unsqueeze(-1), top, 0.0)).exp()
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return probs, has_mass
+
+
+def exponential_race(weights: Tensor, exp_noise: Tensor) -> Tensor:
+    """Index drawn with probability proportional to `weights` (>= 0, unnormalised) along the last dim.
+
+    exp_noise has the same shape, drawn as -log(U), U ~ U[0, 1): values in (0, inf], so a zero weight scores
+    0 and can win only when the whole row is zero (callers mask such rows).
+    """
+    return torch.argmax(weights / exp_noise, dim=-1)
+
+
+def draft_sample(logits: Tensor, cfg: SamplingConfig, exp_noise: Tensor | None = None):
+    """Choose one draft slot per row from restricted logits [B, C] (padding slots are -inf).
+
+    Returns (slot int64 [B], q float [B, C], has_mass bool [B]). q is the exact proposal distribution the
+    slot was drawn from (one-hot of the argmax when greedy); rows with no finite logit have has_mass False
+    and must not be drafted from.
+    """
+    if not cfg.do_sample:
+        slot = torch.argmax(logits, dim=-1)
+        has_mass = logits.amax(-1) > float("-inf")
+        q = torch.zeros(logits.shape, dtype=torch.promote_types(logits.dtype, torch.float32),
+                        device=logits.device).scatter_(-1, slot.unsqueeze(-1), 1.0)
+        return slot, q, has_mass
+    q, has_mass = safe_softmax(process_logits(logits, cfg))
+    return exponential_race(q, exp_noise), q, has_mass
+
+
+@dataclass
+class Verdict:
+    """Outcome of verifying one draft block per row.
+
+    n_accepted  int64 [B]      drafts accepted (0..K)
+    tokens      int64 [B, K+1] tokens[:, :n_accepted+1] are the committed tokens (accepted drafts, then
+                               the corrected or bonus token); later entries are meaningless
+    """
+
+    n_accepted: Tensor
+    tokens: Tensor
+
+
+def verify_greedy(draft: Tensor, draft_valid: Tensor, target_logits: Tensor) -> Verdict:
+    """draft int64 [B, K] (global ids), draft_valid bool [B, K], target_logits [B, K+1, V]."""
+    best = torch.argmax(target_logits, dim=-1)                                          # [B, K+1]
+    accept = (draft == best[:, :-1]) & draft_valid
+    return Verdict(accept.long().cumprod(1).sum(1), best)
+
+
+def verify_sampling(draft: Tensor, draft_valid: Tensor, q_slots: Tensor, draft_slots: Tensor,
+                    active_ids: Tensor, target_logits: Tensor, cfg: SamplingConfig,
+                    uniforms: Tensor, exp_noise: Tensor) -> Verdict:
+    """Speculative sampling over a chain of K drafts.
+
+    draft        int64 [B, K]      drafted global ids
+    draft_valid  bool  [B, K]      False where the drafter had no mass (the row drafted nothing from there)
+    q_slots      float [B, K, C]   the proposal distributions over slots, as returned by `draft_sample`
+    draft_slots  int64 [B, K]      the slot of each drafted id
+    active_ids   int64 [R, C]      slot -> id (R = 1 or B), -1 on padding
+    target_logits      [B, K+1, V] raw target logits
+    uniforms     float64 [B, K]    U[0, 1) for the acceptance tests
+    exp_noise    float [B, V]      -log(U) noise for the corrected / bonus token
+    """
+    B, K = draft.shape
+    p = safe_softmax(process_logits(target_logits, cfg))[0]                              # [B, K+1, V]
+    p_draft = p[:, :K].gather(-1, draft.unsqueeze(-1)).squeeze(-1)                      # [B, K]
+    q_draft = q_slots.gather(-1, draft_slots.unsqueeze(-1)).squeeze(-1)                 # [B, K]
+    accept = (uniforms * q_draft.double() < p_draft.double()) & draft_valid
+    n_acc = accept.long().cumprod(1).sum(1)                                             # [B]
+    # The distribution of the token after the accepted prefix: residual (p - q)+ at a rejection, p itself
+    # for the bonus token (q = 0 there) or when the residual has no mass (p == q).
+    p_next = p.gather(1, n_acc.view(B, 1, 1).expand(B, 1, p.shape[-1])).squeeze(1)       # [B, V]
+    j = n_acc.clamp(max=K - 1).view(B, 1, 1).expand(B, 1, q_slots.shape[-1])
+    q_next_slots = q_slots.gather(1, j).squeeze(1) * (n_acc < K).unsqueeze(-1)          # [B, C]
+    q_next = torch.zeros_like(p_next).scatter_add_(
+        -1, active_ids.clamp(min=0).expand(B, -1), q_next_slots.to(p_next.dtype))
+    residual = (p_next - q_next).clamp_min(0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    next_token = exponential_race(residual, exp_noise)                                  # [B]
+    tokens = torch.cat([draft, draft[:, :1]], dim=1).scatter(1, n_acc.unsqueeze(1), next_token.unsqueeze(1))
+    return Verdict(n_acc, tokens)
+
+
+def acceptance_and_residual(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """The closed forms behind `verify_sampling`, for the identity test (TESTING.md R1).
+
+    p, q [..., V] probabilities. Returns a = min(1, p/q) (1 where q = 0) and r = (p - q)+ / Σ(p - q)+ (p where
+    that sum is 0), so that q·a + (1 - β)·r == p with β = Σ min(p, q).
+    """
+    a = torch.where(q > 0, (p / torch.where(q > 0, q, 1.0)).clamp(max=1.0), 1.0)
+    r = (p - q).clamp_min(0.0)
+    s = r.sum(-1, keepdim=True)
+    return a, torch.where(s > 0, r / torch.where(s > 0, s, 1.0), p)
