@@ -16,7 +16,6 @@ State per row: `tokens` [B, S] holds prompt and generated tokens compacted to th
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +27,6 @@ from .policies import FullVocab, VocabPolicy
 from .sampling import SamplingConfig
 from .sparse_head import sparsify_lm_head_
 
-log = logging.getLogger(__name__)
 
 PADDED_VOCAB_SLACK = 128  # same tokenizer, embedding padded differently (Qwen 151936 vs 152064); vLLM's rule
 
@@ -170,6 +168,11 @@ class SpecDecoder:
         if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
             raise ValueError(f"got {len(generator)} generators for {input_ids.shape[0]} rows")
         run = DecodeRun(self, input_ids.to(self.target.device), mask.to(self.target.device), max_new_tokens, cfg,
-                   eos, generator)
-        return run.execute(input_ids, pad)
+                        eos, generator)
+        try:
+            return run.execute(input_ids, pad)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"{err}\nmicrospec: out of memory with batch={run.B}, K={self.K}, "
+                f"vocab={self.target_vocab_size}, capacity={self.policy.capacity}, cache length={run.S}") from err
 

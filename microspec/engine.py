@@ -93,8 +93,8 @@ class DecodeRun:
             pos = torch.arange(c0, c1, device=dev).expand(B, -1)
             logits = self.dec.target(chunk, pos)                                         # [B, T, V]
             self.nan_seen[0] |= torch.isnan(logits).any()
-            if k:
-                topk[:, c0:c1] = torch.topk(logits, k, dim=-1).indices
+            if k:  # over the shared vocabulary only: the policy cannot hold target-only ids
+                topk[:, c0:c1] = torch.topk(logits[..., : self.dec.vocab_size], k, dim=-1).indices
             here = (last_pos >= c0) & (last_pos < c1)
             idx = (last_pos - c0).clamp(0, c1 - c0 - 1).view(B, 1, 1).expand(B, 1, logits.shape[-1])
             cand = logits.gather(1, idx).squeeze(1)
@@ -156,8 +156,8 @@ class DecodeRun:
         commit_mask = self.steps_k < n_commit.unsqueeze(1)                               # [B, K+1]
         self.tokens.scatter_(1, n.unsqueeze(1) + self.steps_k, verdict.tokens)
         k = self.policy.target_topk
-        topk = torch.topk(t_logits, k, dim=-1).indices if k else None
-        self.policy.on_commit(verdict.tokens, commit_mask, topk)
+        topk = torch.topk(t_logits[..., : self.dec.vocab_size], k, dim=-1).indices if k else None
+        self.policy.on_commit(verdict.tokens, commit_mask & (verdict.tokens < self.dec.vocab_size), topk)
         self._account(verdict.n_accepted, verdict.tokens, commit_mask, n_commit, live, ids, n_act)
         self.n = n + n_commit
         self.generated = self.generated + n_commit
@@ -176,7 +176,8 @@ class DecodeRun:
         self.histogram.scatter_add_(0, n_acc, live.long())
 
     # ------------------------------------------------------------------ driver (host side)
-    def execute(self, original_ids: Tensor, pad: int) -> GenerateOutput:
+    def start(self) -> None:
+        """Host-side set-up and prefill: caches, policy, head binding, noise buffers, the first token."""
         dec, policy = self.dec, self.policy
         dec.target.allocate(self.B, self.S)
         dec.drafter.allocate(self.B, self.S)
@@ -184,15 +185,17 @@ class DecodeRun:
         policy.setup(self.B, dec.vocab_size, eos_in_vocab, self.device)
         self.head.bind(*policy.active())
         self._allocate_noise()
-
         last_logits, topk = self._prefill()
-        policy.on_prefill(self.tokens[:, : self.L], self.prompt_mask, topk)
+        prompt = self.tokens[:, : self.L]
+        policy.on_prefill(prompt, self.prompt_mask & (prompt < dec.vocab_size), topk)
         first = self._first_token(last_logits)
         self.tokens.scatter_(1, self.n.unsqueeze(1), first.unsqueeze(1))
         self.n, self.generated = self.n + 1, self.generated + 1
         self.done = torch.isin(first, self.eos) | (self.max_new <= 1)
-        policy.on_commit(first.unsqueeze(1), torch.ones(self.B, 1, dtype=torch.bool, device=self.device))
+        policy.on_commit(first.unsqueeze(1), (first < dec.vocab_size).unsqueeze(1))
 
+    def execute(self, original_ids: Tensor, pad: int) -> GenerateOutput:
+        self.start()
         watcher = _DoneWatcher(self.device)
         for _ in range(self.max_new - 1):          # every live row commits >= 1 token per step
             if watcher.all_done(self.done):

@@ -3,9 +3,10 @@ from ._triton import HAS_TRITON
 from .delta_gather import delta_gather_, delta_gather_ref, delta_gather_triton
 from .sparse_logits import (packed_logits, packed_logits_ref, packed_logits_triton, sparse_logits,
                             sparse_logits_ref, sparse_logits_triton)
+from .validate import check_active_set
 
 __all__ = [
     "HAS_TRITON", "sparse_logits", "sparse_logits_ref", "sparse_logits_triton",
     "packed_logits", "packed_logits_ref", "packed_logits_triton",
-    "delta_gather_", "delta_gather_ref", "delta_gather_triton",
+    "delta_gather_", "delta_gather_ref", "delta_gather_triton", "check_active_set",
 ]

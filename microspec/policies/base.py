@@ -4,7 +4,7 @@ A policy owns a fixed-capacity *active set* per batch row (or one set shared by 
 two device tensors that keep their storage for the whole generation:
 
     active_ids  int64 [R, C]   slot -> token id; valid slots are the prefix [0, n_active[r]), the rest hold -1
-    n_active    int64 [R]      how many slots of each row are valid (1 <= n_active <= C)
+    n_active    int64 [R]      how many slots of each row are valid (0 <= n_active <= C)
 
 R is the batch size, or 1 when `shared` is True (one set for every row). C is `capacity`.
 
@@ -15,6 +15,8 @@ Invariants every policy keeps (checked by `microspec.testing.PolicyContract`):
     only the rows whose slot changed, so re-sorting would force a full re-gather every step;
   * the set changes only in `on_prefill` / `on_commit`, never while a draft block is being drafted;
   * `on_commit` sees committed tokens only (never rejected drafts);
+  * hook inputs are trusted: every id where the mask is True, and every top-k id, is in [0, vocab_size)
+    (the decoder masks target-only ids of a larger target vocabulary before calling a hook);
   * the per-step hooks allocate nothing, never synchronise with the host and never change a shape, so
     they can run inside a CUDA graph and under `torch.compile(fullgraph=True)`.
 

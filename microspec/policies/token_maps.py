@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def load_token_map(path: str | os.PathLike) -> Tensor:
             text = path.read_text().strip()
             ids = [int(tok) for tok in re.split(r"[\s,]+", text) if tok]
         ids = torch.as_tensor(ids)
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError, RuntimeError) as err:
+    except (ValueError, TypeError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path}: not a token map ({err})") from err
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"{path}: token ids must be integers, got {ids.dtype}")
