@@ -99,8 +99,9 @@ def _pad(seqs: list[Tensor], left: bool) -> tuple[Tensor, Tensor]:
 def _check_ids(docs, vocab_size: int) -> None:
     for i, (p, r) in enumerate(docs):
         for name, t in (("prompt", p), ("response", r)):
-            if t.numel() and (t.min() < 0 or t.max() >= vocab_size):
-                raise ValueError(f"document {i}: {name} token id {int(t.max())} outside [0, {vocab_size})")
+            bad = t[(t < 0) | (t >= vocab_size)]
+            if bad.numel():
+                raise ValueError(f"document {i}: {name} token id {int(bad[0])} outside [0, {vocab_size})")
 
 
 class _Membership:
@@ -118,7 +119,8 @@ class _Membership:
 
     def mark(self, ids: Tensor, n: Tensor) -> None:
         self.step += 1
-        valid = (torch.arange(ids.shape[1]) < n.unsqueeze(1)) & (ids >= 0)             # [R, C]
+        ids = ids[:, : int(n.max())]                      # valid slots are a prefix: skip the padding tail
+        valid = (torch.arange(ids.shape[1]) < n.unsqueeze(1)) & (ids >= 0)             # [R, w]
         self.stamp.scatter_(1, torch.where(valid, ids, self.V), self.step)
 
     def contains(self, tok: Tensor) -> Tensor:
@@ -129,7 +131,7 @@ class _Membership:
 
 
 def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), block: int = 6,
-             batch_size: int = 64, progress=None) -> CoverageResult:
+             batch_size: int = 64, progress=None, num_threads: int | None = 1) -> CoverageResult:
     """Replay (prompt_ids, response_ids) documents through `policy` and measure coverage of the responses.
 
     Args:
@@ -140,12 +142,15 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
         block:           tokens committed per verification step, K + 1 (default 6: K = 5 drafts).
         batch_size:      documents simulated together (vectorised; results do not depend on it).
         progress:        optional object with `update(n_tokens)` (e.g. a tqdm bar).
+        num_threads:     torch threads while simulating (restored afterwards; None: leave as is). The
+                         per-block ops are small, so one thread is as fast and much steadier on a busy host.
     Returns:
         CoverageResult with per-document counts in input order. Documents are batched by length internally.
 
     Example (a static set of ids {1, 2} plus EOS 0, response [1, 3, 2, 0] -> 3 of 4 covered):
         >>> from microspec.policies import StaticFrequencyPolicy
-        >>> simulate(StaticFrequencyPolicy([1, 2]), [([], [1, 3, 2, 0])], 4, eos_ids=[0]).coverage
+        >>> policy = StaticFrequencyPolicy([1, 2], capacity=3)
+        >>> simulate(policy, [([], [1, 3, 2, 0])], vocab_size=4, eos_ids=[0]).coverage
         0.75
     """
     if block < 1 or batch_size < 1:
@@ -158,38 +163,48 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
     active: list[Tensor] = []
     order = sorted(range(D), key=lambda i: (docs[i][1].numel(), docs[i][0].numel()))   # less padding
     member = None
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
-    with torch.no_grad():  # not inference_mode: the policy buffers must stay usable afterwards
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
         for start in range(0, D, batch_size):
-            idx = order[start: start + batch_size]
-            B = len(idx)
-            policy.setup(B, vocab_size, list(eos_ids), "cpu")
+            rows = order[start: start + batch_size]
+            policy.setup(len(rows), vocab_size, list(eos_ids), "cpu")
             R = policy.active_ids.shape[0]
             if member is None or member.stamp.shape[0] != R:
                 member = _Membership(R, vocab_size)
-            prompt, prompt_mask = _pad([docs[i][0] for i in idx], left=True)           # [B, L]
-            policy.on_prefill(prompt, prompt_mask, None)
-            resp, resp_mask = _pad([docs[i][1] for i in idx], left=False)              # [B, T]
-            T = resp.shape[1]
-            bounds = [(0, 1)] + [(j, j + block) for j in range(1, T, block)]
-            pad = bounds[-1][1] - T                                                    # static block width
-            resp = torch.nn.functional.pad(resp, (0, pad))
-            resp_mask = torch.nn.functional.pad(resp_mask, (0, pad))
-            cov_b = torch.zeros(B, dtype=torch.long)
-            for a, b in bounds:
-                ids, n = policy.active()                                               # [R, C], [R]
-                tok, mask = resp[:, a:b], resp_mask[:, a:b]                            # [B, b - a]
-                if not mask.any():
-                    break
-                member.mark(ids, n)
-                cov_b += (member.contains(tok) & mask).sum(1)
-                active.append(n.expand(B)[mask.any(1)].clone())
-                policy.on_commit(tok, mask, None)
-                if progress is not None:
-                    progress.update(int(mask.sum()))
-            rows = torch.tensor(idx)
-            covered[rows] = cov_b
-            tokens[rows] = resp_mask.sum(1)
-    seconds = time.perf_counter() - t0
+            cov, tok, act = _run_batch(policy, member, [docs[i] for i in rows], block, progress)
+            covered[rows], tokens[rows] = cov, tok
+            active += act
+    finally:
+        torch.set_num_threads(threads)
     active_t = torch.cat(active) if active else torch.zeros(0, dtype=torch.long)
-    return CoverageResult(covered, tokens, active_t, seconds)
+    return CoverageResult(covered, tokens, active_t, time.perf_counter() - t0)
+
+
+@torch.no_grad()  # not inference_mode: the policy's buffers must stay usable after the simulation
+def _run_batch(policy, member: _Membership, docs, block: int, progress):
+    """Prefill + commit loop for one batch of documents -> (covered [B], tokens [B], [active sizes])."""
+    B = len(docs)
+    prompt, prompt_mask = _pad([p for p, _ in docs], left=True)                         # [B, L]
+    policy.on_prefill(prompt, prompt_mask, None)
+    resp, resp_mask = _pad([r for _, r in docs], left=False)                            # [B, T]
+    T = resp.shape[1]
+    bounds = [(0, 1)] + [(j, j + block) for j in range(1, T, block)]   # token 0 alone, as SpecDecoder
+    pad = bounds[-1][1] - T                                             # every block has static width
+    resp = torch.nn.functional.pad(resp, (0, pad))
+    resp_mask = torch.nn.functional.pad(resp_mask, (0, pad))
+    covered, active = torch.zeros(B, dtype=torch.long), []
+    for a, b in bounds:
+        tok, mask = resp[:, a:b], resp_mask[:, a:b]                                     # [B, b - a]
+        if not mask.any():
+            break
+        ids, n = policy.active()                                                        # [R, C], [R]
+        member.mark(ids, n)
+        covered += (member.contains(tok) & mask).sum(1)
+        active.append(n.expand(B)[mask.any(1)].clone())
+        policy.on_commit(tok, mask, None)
+        if progress is not None:
+            progress.update(int(mask.sum()))
+    return covered, resp_mask.sum(1), active

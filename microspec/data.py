@@ -243,7 +243,8 @@ def iter_texts(path: str | os.PathLike, field: str | None = None) -> Iterator[st
             raise ValueError(f"{path}: record {i} is {type(rec).__name__}, expected an object or a string")
         key = field or next((k for k in TEXT_FIELDS if k in rec), None)
         if key is None or key not in rec:
-            raise ValueError(f"{path}: record {i} has no field {key or TEXT_FIELDS!r} (fields: {sorted(rec)})")
+            raise ValueError(f"{path}: record {i} has no field {key or TEXT_FIELDS!r} "
+                             f"(fields: {sorted(rec)})")
         value = rec[key]
         yield from (value if isinstance(value, list) else [value])
 
@@ -266,8 +267,8 @@ def _pairs_from_file(path: Path, prompt_field: str | None, response_field: str |
         if None in keys:
             keys = next(((p, r) for p, r in PAIR_FIELDS if p in rec and r in rec), keys)
         if keys[0] not in rec or keys[1] not in rec:
-            raise ValueError(f"{path}: record {i} lacks prompt/response fields {keys} (fields: {sorted(rec)}); "
-                             "name them with prompt_field= / response_field=")
+            raise ValueError(f"{path}: record {i} lacks prompt/response fields {keys} "
+                             f"(fields: {sorted(rec)}); name them with prompt_field= / response_field=")
         pairs.append((str(rec[keys[0]]), str(rec[keys[1]])))
     return pairs
 
@@ -290,7 +291,8 @@ def _mtbench(root: Path, arg: str):
 
 
 def _alpaca(root: Path, arg: str):
-    models = sorted(p.name.split(".model_outputs")[0] for p in (root / "alpaca_eval").glob("*.model_outputs.json*"))
+    found = (root / "alpaca_eval").glob("*.model_outputs.json*")
+    models = sorted(p.name.split(".model_outputs")[0] for p in found)
     if arg not in models:
         raise ValueError(f"alpaca needs one of these models: alpaca:{{{','.join(models)}}} (got {arg!r})")
     path = root / f"alpaca_eval/{arg}.model_outputs.json.gz"
@@ -347,3 +349,14 @@ def load_texts(spec: str | os.PathLike, field: str | None = None) -> tuple[list[
         corpus = load_corpus(text)
         return [r for _, r in corpus.pairs], corpus.files
     return list(iter_texts(text, field)), (Path(text).resolve(),)
+
+
+# The fitting split of ../shared/data/README.md §6: frequency tables and clusters are learned on these;
+# evaluations use other text (Spec-Bench, MT-bench, the target family's own AlpacaEval outputs, GSM8K test,
+# HumanEval).
+FITTING_CORPORA = ("alpaca:gpt4_1106_preview", "alpaca:text_davinci_003", "gsm8k:train")
+
+
+def fitting_texts() -> list[str]:
+    """Response texts of `FITTING_CORPORA` (raises FileNotFoundError without the shared data)."""
+    return [text for spec in FITTING_CORPORA for text in load_texts(spec)[0]]

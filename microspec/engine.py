@@ -67,10 +67,10 @@ class DecodeRun:
         if not self.cfg.do_sample:
             return
         C = self.policy.active_ids.shape[1]
-        f32 = dict(dtype=torch.float32, device=self.device)
-        self.draft_noise = torch.empty(self.B, self.K, C, **f32)
-        self.next_noise = torch.empty(self.B, self.dec.target_vocab_size, **f32)
-        self.uniforms = torch.empty(self.B, self.K, dtype=torch.float64, device=self.device)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.draft_noise = torch.empty(self.B, self.K, C, **f64)
+        self.next_noise = torch.empty(self.B, self.dec.target_vocab_size, **f64)
+        self.uniforms = torch.empty(self.B, self.K, **f64)
 
     def _draw_noise(self) -> None:
         if self.cfg.do_sample:
@@ -106,7 +106,7 @@ class DecodeRun:
         if not self.cfg.do_sample:
             return torch.argmax(logits, dim=-1)
         probs = safe_softmax(process_logits(logits, self.cfg))[0]
-        noise = self._fill_exponential(torch.empty(probs.shape, dtype=torch.float32, device=self.device))
+        noise = self._fill_exponential(torch.empty(probs.shape, dtype=torch.float64, device=self.device))
         return exponential_race(probs, noise)
 
     # ------------------------------------------------------------------ one decode step (capturable)
@@ -155,10 +155,11 @@ class DecodeRun:
         n_commit = torch.minimum(n_commit, self.max_new - self.generated) * live
         commit_mask = self.steps_k < n_commit.unsqueeze(1)                               # [B, K+1]
         self.tokens.scatter_(1, n.unsqueeze(1) + self.steps_k, verdict.tokens)
+        # Account before the policy update: `ids` / `n_act` are the policy's live buffers.
+        self._account(verdict.n_accepted, verdict.tokens, commit_mask, n_commit, live, ids, n_act)
         k = self.policy.target_topk
         topk = torch.topk(t_logits[..., : self.dec.vocab_size], k, dim=-1).indices if k else None
         self.policy.on_commit(verdict.tokens, commit_mask & (verdict.tokens < self.dec.vocab_size), topk)
-        self._account(verdict.n_accepted, verdict.tokens, commit_mask, n_commit, live, ids, n_act)
         self.n = n + n_commit
         self.generated = self.generated + n_commit
         hit_eos = (is_eos & commit_mask).any(1)

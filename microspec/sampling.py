@@ -11,11 +11,13 @@ Invariants (TESTING.md §1):
     from (p − q)+ / Σ(p − q)+, or from p when that sum is 0; when all K drafts pass, a bonus token is drawn
     from p at position K+1.
   * Temperature, top-k and top-p are applied the same way to p and to q (Hugging Face order and semantics:
-    temperature, then top-k keeping ties at the k-th value, then top-p keeping at least one token).
+    temperature, then top-k keeping ties at the k-th value, then top-p keeping at least one token), except
+    that top_k = 1 keeps only the first maximal token, so it always picks the temperature-0 token.
 
 Randomness is an input (RNG tensors drawn by the caller), so a captured graph replays with fresh noise and a
 test can feed the same noise to an implementation and its reference. Categorical draws use the exponential
-race: argmax(w / E) with E = -log(U), U ~ U[0, 1), which samples index i with probability w_i / Σw.
+race: argmax(w / E) with E = -log(U), U ~ U[0, 1) in float64, which samples index i with probability w_i / Σw
+(float64 so that the discreteness of U never makes a token with a tiny but positive weight unreachable).
 """
 from __future__ import annotations
 
@@ -52,7 +54,10 @@ def process_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
         return out
     if cfg.temperature != 1.0:
         out = out / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < out.shape[-1]:
+    if cfg.top_k == 1:  # the greedy token exactly, first index on ties (HF would keep every tied maximum)
+        keep = torch.zeros_like(out, dtype=torch.bool).scatter_(-1, out.argmax(-1, keepdim=True), True)
+        out = out.masked_fill(~keep, float("-inf"))
+    elif cfg.top_k is not None and cfg.top_k < out.shape[-1]:
         kth = torch.topk(out, cfg.top_k, dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
@@ -80,10 +85,10 @@ def safe_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
 def exponential_race(weights: Tensor, exp_noise: Tensor) -> Tensor:
     """Index drawn with probability proportional to `weights` (>= 0, unnormalised) along the last dim.
 
-    exp_noise has the same shape, drawn as -log(U), U ~ U[0, 1): values in (0, inf], so a zero weight scores
-    0 and can win only when the whole row is zero (callers mask such rows).
+    exp_noise has the same shape, drawn as -log(U), U ~ U[0, 1) (float64): values in (0, inf], so a zero
+    weight scores 0 and can win only when the whole row is zero (callers mask such rows).
     """
-    return torch.argmax(weights / exp_noise, dim=-1)
+    return torch.argmax(weights.to(exp_noise.dtype) / exp_noise, dim=-1)
 
 
 def draft_sample(logits: Tensor, cfg: SamplingConfig, exp_noise: Tensor | None = None):
@@ -135,7 +140,7 @@ def verify_sampling(draft: Tensor, draft_valid: Tensor, q_slots: Tensor, draft_s
     active_ids   int64 [R, C]      slot -> id (R = 1 or B), -1 on padding
     target_logits      [B, K+1, V] raw target logits
     uniforms     float64 [B, K]    U[0, 1) for the acceptance tests
-    exp_noise    float [B, V]      -log(U) noise for the corrected / bonus token
+    exp_noise    float64 [B, V]    -log(U) noise for the corrected / bonus token
     """
     B, K = draft.shape
     p = safe_softmax(process_logits(target_logits, cfg))[0]                              # [B, K+1, V]

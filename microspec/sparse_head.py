@@ -62,10 +62,15 @@ class SparseLMHead(nn.Module):
         if active_ids.dim() != 2 or n_active.shape != active_ids.shape[:1]:
             raise ValueError(f"active_ids must be [R, C] and n_active [R], got {tuple(active_ids.shape)}, "
                              f"{tuple(n_active.shape)}")
-        if active_ids.device != self.weight.device:
-            raise ValueError(f"active set on {active_ids.device}, head weight on {self.weight.device}")
-        if self.mode == "dense" and active_ids.shape[1] > self.weight.shape[0]:
-            raise ValueError(f"dense head has {self.weight.shape[0]} rows, active set wants {active_ids.shape[1]}")
+        if active_ids.device != self.weight.device or n_active.device != self.weight.device:
+            raise ValueError(f"active set on {active_ids.device}/{n_active.device}, head weight on "
+                             f"{self.weight.device}")
+        if self.mode == "dense":  # slot s is token s: only the full prefix [0, C) is a valid dense set
+            C = active_ids.shape[1]
+            if C > self.weight.shape[0]:
+                raise ValueError(f"dense head has {self.weight.shape[0]} rows, active set wants {C}")
+            if not bool((active_ids == torch.arange(C, device=active_ids.device)).all()):
+                raise ValueError("dense mode needs the active set arange(C) in every row (FullVocab)")
         self.active_ids, self.n_active = active_ids, n_active
         if self.mode == "repack":
             shape = (*active_ids.shape, self.weight.shape[1])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.stats
 
-#: Every fit computed in this process (label, pval, tv, tv_noise, n); print it with `-s` or MICROSPEC_STATS_LOG.
+#: Every fit computed in this process; set MICROSPEC_STATS_LOG=path to append each one to a file.
 RECORD: list["Fit"] = []
 
 
@@ -73,13 +73,13 @@ def g_test(counts, p) -> float:
 
 
 def assert_fits(counts, p, alpha: float = 1e-4, label: str = "") -> Fit:
-    """Assert that the histogram `counts` is a sample of the distribution p (TESTING.md R2). Returns the fit."""
+    """Assert that the histogram `counts` is a sample of p (TESTING.md R2). Returns the `Fit`."""
     counts, p = _as_float_arrays(counts, p)
     n = int(counts.sum())
     tag = f"[{label}] " if label else ""
     zero = np.flatnonzero((p == 0) & (counts > 0))
-    assert zero.size == 0, (f"{tag}emitted a token the target gives zero probability: bins {zero[:10].tolist()} "
-                            f"with counts {counts[zero[:10]].astype(int).tolist()}")
+    assert zero.size == 0, (f"{tag}emitted a token the target gives zero probability: bins "
+                            f"{zero[:10].tolist()} with counts {counts[zero[:10]].astype(int).tolist()}")
     pval = g_test(counts, p)
     tv = tv_distance(counts, p)
     fit = Fit(label, pval, tv, 3.0 * float(np.sqrt(np.count_nonzero(p) / n)), n, int(np.count_nonzero(p)))
@@ -130,8 +130,16 @@ def markov_marginals(P, start: int, T: int) -> np.ndarray:
     return np.stack(out)
 
 
+def window_joint(P, start: int, t: int, width: int) -> np.ndarray:
+    """Exact law of (x_t, ..., x_{t+width-1}) (t >= 1) as a [V**width] vector in `sequence_counts` order."""
+    P = np.asarray(P, dtype=np.float64)
+    V = P.shape[0]
+    joint = markov_marginals(P, start, t)[t - 1]
+    for _ in range(width - 1):
+        joint = (joint.reshape(-1, V)[:, :, None] * P[None]).reshape(-1)
+    return joint
+
+
 def pair_joint(P, start: int, t: int) -> np.ndarray:
     """Exact law of (x_t, x_{t+1}) as a [V*V] vector (bin = x_t·V + x_{t+1}), t >= 1."""
-    P = np.asarray(P, dtype=np.float64)
-    m = markov_marginals(P, start, t)[t - 1]
-    return (m[:, None] * P).reshape(-1)
+    return window_joint(P, start, t, 2)

@@ -99,10 +99,19 @@ def test_tiny_active_set_accepts_almost_nothing_but_stays_exact():
     assert out.stats.acceptance_rate < 0.1, out.stats
 
 
-def test_in_context_policy_with_self_drafting_is_exact_and_accepts():
-    out = check("llama", "same", "lru", 40, 4, 4, 37, seed=2, early_eos=False)
-    assert out.stats.mean_accepted_length > 2.0, out.stats
-    assert out.stats.mean_active_size <= 40
+@pytest.mark.parametrize("policy_kind,capacity", [("lru", 12), ("fifo", 20), ("static", 30), ("grow", 40)])
+def test_coverage_explains_every_rejection_of_a_self_drafter(policy_kind, capacity):
+    """With the target as drafter, a draft is rejected only when the target's choice was outside the active
+    set, and that correction token is committed uncovered: so uncovered commits >= rejecting row-steps
+    (up to one budget-cut final step per row)."""
+    K, batch = 4, 4
+    out = check("llama", "same", policy_kind, capacity, K, batch, 37, seed=2, early_eos=False)
+    s = out.stats
+    uncovered = round((1 - s.coverage) * s.num_committed)
+    rejecting = s.num_row_steps - s.accepted_histogram[K]
+    assert rejecting > 0 and s.coverage < 1.0, s
+    assert uncovered >= rejecting - batch, s
+    assert s.mean_active_size <= capacity
 
 
 @pytest.mark.parametrize("drafter_vocab", [VOCAB + 5, VOCAB - 3])

@@ -29,13 +29,17 @@ def check_args(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor) -> None
     if rows.dim() != 3 or want.shape != rows.shape[:2] or have.shape != want.shape:
         raise ValueError(f"expected rows [R, C, D] with want/have [R, C]; got rows {tuple(rows.shape)}, "
                          f"want {tuple(want.shape)}, have {tuple(have.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != rows.shape[2] or weight.dtype != rows.dtype:
-        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match rows "
-                         f"{tuple(rows.shape)} {rows.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != rows.shape[2]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match rows {tuple(rows.shape)}")
+    if weight.dtype != rows.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match rows dtype {rows.dtype}")
     if want.dtype not in (torch.int32, torch.int64) or have.dtype != want.dtype:
         raise TypeError(f"want/have must share an int32/int64 dtype, got {want.dtype}/{have.dtype}")
-    if not rows.is_contiguous() or weight.stride(-1) != 1:
-        raise ValueError("rows must be contiguous and weight rows unit-stride")
+    if not (rows.is_contiguous() and want.is_contiguous() and have.is_contiguous()) or weight.stride(-1) != 1:
+        raise ValueError("rows, want and have must be contiguous, and weight rows unit-stride")
+    devices = {t.device for t in (weight, want, have, rows)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
 if HAS_TRITON:
@@ -78,6 +82,7 @@ def delta_gather_triton(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor
 @torch.library.custom_op("microspec::delta_gather_", mutates_args=("have", "rows"))
 def delta_gather_(weight: Tensor, want: Tensor, have: Tensor, rows: Tensor) -> None:
     """Refresh `rows` from `weight` where `want` differs from `have`; Triton on CUDA, torch elsewhere."""
+    check_args(weight, want, have, rows)
     if triton_available_for(rows):
         delta_gather_triton(weight, want, have, rows)
     else:

@@ -43,7 +43,11 @@ def sparse_logits_ref(hidden: Tensor, weight: Tensor, active_ids: Tensor, n_acti
 
 
 def check_args(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: Tensor) -> None:
-    """Raise a clear error for inputs the kernels cannot take (before anything is launched)."""
+    """Raise a clear error for inputs the kernels cannot take (host metadata only: no sync, no launch).
+
+    `table` is the LM-head weight [V, D] (gather path, with `active_ids`) or the repack buffer [R, C, D]
+    (packed path, `active_ids` None).
+    """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
     if hidden.shape[-1] != table.shape[-1]:
@@ -53,9 +57,18 @@ def check_args(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_activ
     for name, t in (("active_ids", active_ids), ("n_active", n_active)):
         if t is not None and t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if n_active.dim() != 1:
+        raise ValueError(f"n_active must be [R], got shape {tuple(n_active.shape)}")
     rows = n_active.shape[0]
     if rows not in (1, hidden.shape[0]):
         raise ValueError(f"active set has {rows} rows; expected 1 (shared) or the batch size {hidden.shape[0]}")
+    if active_ids is not None:
+        if table.dim() != 2:
+            raise ValueError(f"weight must be [V, D], got shape {tuple(table.shape)}")
+        if active_ids.dim() != 2 or active_ids.shape[0] != rows:
+            raise ValueError(f"active_ids must be [R, C] with R = {rows} (as n_active), got {tuple(active_ids.shape)}")
+    elif table.dim() != 3 or table.shape[0] != rows:
+        raise ValueError(f"rows must be [R, C, D] with R = {rows} (as n_active), got {tuple(table.shape)}")
     devices = {t.device for t in (hidden, table, active_ids, n_active) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
@@ -75,7 +88,7 @@ if HAS_TRITON:
         b = tl.program_id(0).to(tl.int64)
         slots = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         r = 0 if SHARED else b
-        live = slots < tl.load(n_ptr + r)                   # padding slots: never read, logit -inf
+        live = (slots < tl.load(n_ptr + r)) & (slots < C)   # padding slots: never read, logit -inf
         if PACKED:
             row_off = r * stride_table_r + slots.to(tl.int64) * stride_table_row
         else:
@@ -101,8 +114,11 @@ def _launch(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: 
             block_c: int = 64, block_d: int = 128, num_warps: int = 4) -> Tensor:
     B, T, D = hidden.shape
     C = table.shape[-2] if packed else active_ids.shape[-1]
+    # The kernel indexes ids and n_active with unit inner stride: views are copied (a no-op when contiguous).
     hidden = hidden.contiguous() if hidden.stride(-1) != 1 else hidden
     table = table.contiguous() if table.stride(-1) != 1 else table
+    n_active = n_active.contiguous()
+    active_ids = active_ids.contiguous() if active_ids is not None else None
     out = torch.empty((B, T, C), dtype=torch.float32, device=hidden.device)
     ids = active_ids if active_ids is not None else n_active          # unused by the packed kernel
     grid = (B, triton.cdiv(C, block_c))
@@ -134,6 +150,7 @@ def packed_logits_triton(hidden: Tensor, rows: Tensor, n_active: Tensor, **cfg) 
 @torch.library.custom_op("microspec::sparse_logits", mutates_args=())
 def sparse_logits(hidden: Tensor, weight: Tensor, active_ids: Tensor, n_active: Tensor) -> Tensor:
     """Gather-GEMV over the active rows of `weight`; Triton on CUDA, the torch reference elsewhere."""
+    check_args(hidden, weight, active_ids, n_active)
     if triton_available_for(hidden) and hidden.dtype != torch.float64:
         return _launch(hidden, weight, active_ids, n_active, packed=False)
     return sparse_logits_ref(hidden, weight, active_ids, n_active)
@@ -147,6 +164,7 @@ def _(hidden, weight, active_ids, n_active):
 @torch.library.custom_op("microspec::packed_logits", mutates_args=())
 def packed_logits(hidden: Tensor, rows: Tensor, n_active: Tensor) -> Tensor:
     """GEMV over a repack buffer; Triton on CUDA, the torch reference elsewhere."""
+    check_args(hidden, rows, None, n_active)
     if triton_available_for(hidden) and hidden.dtype != torch.float64:
         return _launch(hidden, rows, None, n_active, packed=True)
     return packed_logits_ref(hidden, rows, n_active)

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-import microspec.kernels as K  # noqa: E402
-from microspec.kernels import delta_gather_ref, delta_gather_triton  # noqa: E402
+import microspec.kernels as K
+from microspec.kernels import delta_gather_ref, delta_gather_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CAPS = (8, 64, 100)     # BLOCK_S = 16: below one tile, whole tiles, a tail tile
@@ -68,7 +68,7 @@ def make_inputs(case: Case):
     want[kind == 2] = -1
     want[kind == 3] = have[kind == 3] = -1
     rows = torch.from_numpy(rng.standard_normal((case.R, case.C, case.D)) + 100.0).to(case.dtype)
-    to = dict(dtype=case.id_dtype)
+    to = {"dtype": case.id_dtype}
     return big_t, weight, torch.tensor(want, **to), torch.tensor(have, **to), rows
 
 
@@ -139,3 +139,18 @@ def test_repack_then_logits_equal_gather_logits():
     packed = K.packed_logits_triton(hidden, rows, n)
     gathered = K.sparse_logits_triton(hidden, weight, want, n)
     assert torch.equal(packed, gathered)
+
+
+def test_strided_want_and_have_views():
+    """`want`/`have` handed over as strided views are either rejected or handled like contiguous copies."""
+    case = Case(torch.float32, R=2, C=16, D=24, V=111, seed=7)
+    _, weight, want, have, rows = make_inputs(case)
+    have_ref, rows_ref = have.clone(), rows.clone()
+    delta_gather_ref(weight, want, have_ref, rows_ref)
+    big = torch.full((case.R, 2 * case.C), 3, dtype=want.dtype)
+    big[:, ::2] = want
+    try:
+        delta_gather_triton(weight, big[:, ::2], have, rows)                  # want.stride(-1) == 2
+    except (ValueError, TypeError):
+        return
+    assert torch.equal(bits(rows), bits(rows_ref)) and torch.equal(have, have_ref), "strided want misread"

@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-import microspec.kernels as K  # noqa: E402
-from microspec.kernels import (packed_logits_ref, packed_logits_triton, sparse_logits_ref,  # noqa: E402
-                               sparse_logits_triton)
+import microspec.kernels as K
+from microspec.kernels import packed_logits_ref, packed_logits_triton, sparse_logits_ref, sparse_logits_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bucketed shapes (STYLE lesson 9). BLOCK_C = 64: C below one tile, exactly one tile, and a tail tile.
@@ -119,23 +118,24 @@ def assert_logits_ok(out, oracle, base, live, what=""):
     assert live.gather(-1, top.unsqueeze(-1)).squeeze(-1)[has_live].all(), f"{what}: argmax on padding"
 
 
-def shared_or_rows_example(**kw):
+def case_example(**kw):
     return example(case=Case(**{"dtype": torch.float32, "B": 1, "T": 1, "C": 64, "D": 24, "V": 63,
                                 "n_active": (63,), **kw}))
 
 
 AWKWARD = [
-    dict(V=63, C=64, n_active=(63,)),                                   # V = BLOCK_C - 1, capacity > V
-    dict(V=65, C=64, n_active=(64,), dtype=torch.bfloat16),             # V = BLOCK_C + 1, full capacity
-    dict(V=111, C=100, D=160, B=3, T=3, n_active=(0, 1, 100), dtype=torch.float16),  # empty / single / full
-    dict(V=989, C=8, D=64, B=2, T=2, n_active=(0,)),                    # shared set with nothing active
-    dict(V=989, C=100, D=160, B=2, T=1, n_active=(2, 99), id_dtype=torch.int32),
+    {"V": 63, "C": 64, "n_active": (63,)},                                # V = BLOCK_C - 1, capacity > V
+    {"V": 65, "C": 64, "n_active": (64,), "dtype": torch.bfloat16},       # V = BLOCK_C + 1, full capacity
+    # per-row: an empty row, a single id, a full row
+    {"V": 111, "C": 100, "D": 160, "B": 3, "T": 3, "n_active": (0, 1, 100), "dtype": torch.float16},
+    {"V": 989, "C": 8, "D": 64, "B": 2, "T": 2, "n_active": (0,)},        # shared set with nothing active
+    {"V": 989, "C": 100, "D": 160, "B": 2, "T": 1, "n_active": (2, 99), "id_dtype": torch.int32},
 ]
 
 
 def with_awkward_examples(test):
     for kw in AWKWARD:
-        test = shared_or_rows_example(**kw)(test)
+        test = case_example(**kw)(test)
     return test
 
 
@@ -167,10 +167,11 @@ def test_packed_logits_triton_matches_oracle(case):
 
 
 @settings(deadline=None)
-@shared_or_rows_example(V=65, C=100, D=160, B=3, T=2, n_active=(1, 0, 65))
+@case_example(V=65, C=100, D=160, B=3, T=2, n_active=(1, 0, 65))
 @given(case=cases())
 def test_padding_is_never_read(case):
-    """Whatever the padding slots hold (other ids, ids outside [0, V), packed garbage), the output is the same."""
+    """Whatever the padding slots hold (other ids, ids outside [0, V), packed garbage), the output is the
+    same."""
     hidden, weight, ids, n = make_inputs(case)
     G = 4                                   # guard rows on both sides keep a stray read inside the allocation
     big = torch.full((case.V + 2 * G, case.D), float("nan"), dtype=case.dtype)
@@ -196,7 +197,7 @@ def test_tied_rows_give_identical_logits(dtype):
     V, C, D = 65, 64, 40
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(V, D, generator=g).to(dtype)
-    weight[7] = weight[40] = weight[64] = weight.abs().sum(0) / 4          # one clear winner, tied three times
+    weight[7] = weight[40] = weight[64] = weight.abs().sum(0) / 4      # one clear winner, tied three times
     ids = torch.full((1, C), -1)
     ids[0, :10] = torch.tensor([3, 64, 0, 40, 9, 7, 11, 2, 5, 1])
     n = torch.tensor([10])
@@ -232,3 +233,24 @@ def test_registered_ops_compile_fullgraph():
         n[0] -= 2                                 # a policy update in place between calls
         ids[0, n[0]:] = -1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("layout", ["step", "transposed"])
+def test_strided_active_set_views(layout):
+    """Active sets handed over as views (a strided slice, a transposed buffer) are either rejected with a
+    clear error or scored exactly like their contiguous copies; never read with the wrong strides."""
+    case = Case(torch.float32, B=2, T=1, C=8, D=24, V=63, n_active=(8, 3))
+    hidden, weight, ids, n = make_inputs(case)
+    if layout == "step":
+        ids_big, n_big = torch.full((2, 2 * case.C), 5), torch.tensor([8, 0, 3, 0])
+        ids_big[:, ::2] = ids
+        ids_view, n_view = ids_big[:, ::2], n_big[::2]                       # stride(-1) == 2
+    else:
+        ids_view, n_view = ids.T.contiguous().T, n                           # stride(-1) == B
+    assert torch.equal(ids_view, ids) and torch.equal(n_view, n) and not ids_view.is_contiguous()
+    want = sparse_logits_triton(hidden, weight, ids, n)
+    try:
+        got = sparse_logits_triton(hidden, weight, ids_view, n_view)
+    except (ValueError, TypeError):
+        return                                                               # rejected up front: fine
+    assert torch.equal(got, want), "strided active_ids / n_active read as if contiguous"

