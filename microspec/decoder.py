@@ -85,6 +85,7 @@ class SpecDecoder:
             active set by len(tokenizer).
         head_mode: "repack" (delta gather into a buffer, default) or "gather" (fused gather-GEMV).
         prefill_chunk: prompt positions per prefill forward (bounds the [B, chunk, V] logits).
+        cuda_graph: capture the whole decode step in a CUDA graph and replay it (CUDA only; default on).
 
     Example:
         >>> out = SpecDecoder(target, drafter, InContextPolicy(capacity=2048), 5).generate(ids, max_new_tokens=64)
@@ -92,7 +93,8 @@ class SpecDecoder:
     """
 
     def __init__(self, target: nn.Module, drafter: nn.Module, policy: VocabPolicy, num_speculative_tokens: int = 4,
-                 *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512):
+                 *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512,
+                 cuda_graph: bool = True):
         if not isinstance(policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy, got {type(policy).__name__}")
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
@@ -102,6 +104,7 @@ class SpecDecoder:
         self.policy = policy
         self.K = num_speculative_tokens
         self.prefill_chunk = prefill_chunk
+        self.cuda_graph = cuda_graph
         self.target = CausalLM(target)
         drafter_view = _shallow_model_copy(drafter)
         mode = "dense" if isinstance(policy, FullVocab) else head_mode
@@ -168,7 +171,7 @@ class SpecDecoder:
         if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
             raise ValueError(f"got {len(generator)} generators for {input_ids.shape[0]} rows")
         run = DecodeRun(self, input_ids.to(self.target.device), mask.to(self.target.device), max_new_tokens, cfg,
-                        eos, generator)
+                        eos, generator, cuda_graph=self.cuda_graph)
         try:
             return run.execute(input_ids, pad)
         except torch.OutOfMemoryError as err:

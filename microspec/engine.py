@@ -8,12 +8,13 @@ One decode step (`step`), for all rows at once, with static shapes and no host s
                                        cache is right whether or not the last block's final draft survived
     verify [last, d1..dK]              the target scores K+1 positions over its full vocabulary
     commit                             accepted prefix + corrected/bonus token, cut at EOS and at the budget
-    policy.on_commit(...)              committed tokens and the target's top-k at committed positions
+    policy.on_commit(...)              committed tokens, the target's top-k at committed positions, and
+                                       (if wanted) the target's hidden state at the newest committed input
 
 Per-row state: `tokens` [B, S] (prompt and generated tokens compacted to the left: position = slot),
 `n` [B] committed length, `generated` [B], `done` [B]; S = longest prompt + max_new_tokens + K + 1.
-RNG lives in persistent noise buffers refilled before each step (`_draw_noise`), so the step itself is a
-pure function of device tensors and can be captured in a CUDA graph.
+Every state tensor is updated in place and RNG lives in noise buffers refilled before each step
+(`_draw_noise`), so on CUDA the whole step is captured once in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
@@ -21,19 +22,21 @@ import torch
 from torch import Tensor
 
 from .outputs import GenerateOutput, SpecStats
-from .sampling import SamplingConfig, draft_sample, exponential_race, process_logits, safe_softmax
+from .sampling import SamplingConfig, Verdict, draft_sample, exponential_race, process_logits, safe_softmax
 from .sampling import verify_greedy, verify_sampling
 
 
 class DecodeRun:
     def __init__(self, dec, input_ids: Tensor, mask: Tensor, max_new: int, cfg: SamplingConfig,
-                 eos: list[int], generator):
+                 eos: list[int], generator, cuda_graph: bool = False):
         self.dec, self.policy, self.head = dec, dec.policy, dec.head
         self.cfg, self.max_new, self.generator = cfg, max_new, generator
         B, L = input_ids.shape
         K, dev = dec.K, input_ids.device
         self.B, self.L, self.K, self.device = B, L, K, dev
         self.S = L + max_new + K + 1
+        self.cuda_graph = cuda_graph and dev.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
         # Compact each prompt to the left: slot = position, so rows advance independently.
         self.lengths = mask.sum(1)                                                       # [B]
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
@@ -79,14 +82,15 @@ class DecodeRun:
             self._fill_exponential(self.next_noise)
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self) -> tuple[Tensor, Tensor | None]:
-        """Run both models over the prompts in chunks; return the target's logits at each row's last
-        prompt position [B, V] and, if the policy wants them, its top-k ids at every position [B, L, k]."""
+    def _prefill(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Run both models over the prompts in chunks. Returns the target's logits at each row's last
+        prompt position [B, V], its top-k ids at every position [B, L, k] (if the policy wants them) and its
+        final hidden state at the last prompt position [B, D] (if the policy wants it)."""
         B, L, dev = self.B, self.L, self.device
         k = self.policy.target_topk
         topk = torch.zeros(B, L, k, dtype=torch.long, device=dev) if k else None
         last_pos = self.lengths - 1
-        last = None
+        last = hidden = None
         for c0 in range(0, L, self.dec.prefill_chunk):
             c1 = min(L, c0 + self.dec.prefill_chunk)
             chunk = self.tokens[:, c0:c1]
@@ -96,11 +100,14 @@ class DecodeRun:
             if k:  # over the shared vocabulary only: the policy cannot hold target-only ids
                 topk[:, c0:c1] = torch.topk(logits[..., : self.dec.vocab_size], k, dim=-1).indices
             here = (last_pos >= c0) & (last_pos < c1)
-            idx = (last_pos - c0).clamp(0, c1 - c0 - 1).view(B, 1, 1).expand(B, 1, logits.shape[-1])
-            cand = logits.gather(1, idx).squeeze(1)
+            idx = (last_pos - c0).clamp(0, c1 - c0 - 1)
+            cand = _pick(logits, idx)
             last = cand if last is None else torch.where(here.unsqueeze(1), cand, last)
+            if self.policy.wants_hidden:
+                cand = _pick(self.dec.target.hidden, idx)
+                hidden = cand if hidden is None else torch.where(here.unsqueeze(1), cand, hidden)
             self.dec.drafter(chunk, pos, last_only=True)                                 # fills its cache
-        return last, topk
+        return last, topk, hidden
 
     def _first_token(self, logits: Tensor) -> Tensor:
         if not self.cfg.do_sample:
@@ -117,53 +124,57 @@ class DecodeRun:
         pad = torch.arange(logits.shape[-1], device=logits.device) >= n_act.unsqueeze(-1)
         return logits.masked_fill(pad, float("-inf"))
 
-    def step(self) -> None:
-        B, K, cfg = self.B, self.K, self.cfg
-        ids, n_act = self.policy.active()                                                # [R, C], [R]
-        self.head.refresh()
-        n = self.n
-        # --- draft K tokens
+    def _draft(self, ids: Tensor, n_act: Tensor):
+        """K drafts per row: tokens [B, K], valid [B, K], q over slots [B, K, C], slots [B, K]."""
+        n, cfg = self.n, self.cfg
         ctx = torch.stack([n - 2, n - 1], dim=1)                                         # [B, 2]
         logits = self._draft_logits(self.tokens.gather(1, ctx), ctx, n_act)
         drafts, slots, has_mass, q_rows = [], [], [], []
-        for i in range(K):
+        for i in range(self.K):
             slot, q, ok = draft_sample(logits, cfg, self.draft_noise[:, i] if cfg.do_sample else None)
             token = self.head.token_ids(slot.unsqueeze(1)).squeeze(1).clamp(min=0)
             drafts.append(token), slots.append(slot), has_mass.append(ok), q_rows.append(q)
-            if i + 1 < K:
-                pos = (n + i).unsqueeze(1)
-                logits = self._draft_logits(token.unsqueeze(1), pos, n_act)
-        draft = torch.stack(drafts, 1)                                                   # [B, K]
+            if i + 1 < self.K:
+                logits = self._draft_logits(token.unsqueeze(1), (n + i).unsqueeze(1), n_act)
         valid = torch.stack(has_mass, 1).long().cumprod(1).bool()                       # stop at a dry row
-        # --- verify
+        return torch.stack(drafts, 1), valid, torch.stack(q_rows, 1), torch.stack(slots, 1)
+
+    def _verify(self, draft, valid, q_rows, slots, ids, t_logits) -> Verdict:
+        if self.cfg.do_sample:
+            return verify_sampling(draft, valid, q_rows, slots, ids, t_logits, self.cfg, self.uniforms,
+                                   self.next_noise)
+        return verify_greedy(draft, valid, t_logits)
+
+    def step(self) -> None:
+        K, n = self.K, self.n
+        ids, n_act = self.policy.active()                                                # [R, C], [R]
+        self.head.refresh()
+        draft, valid, q_rows, slots = self._draft(ids, n_act)
         last = self.tokens.gather(1, (n - 1).unsqueeze(1))
         positions = (n - 1).unsqueeze(1) + self.steps_k                                  # [B, K+1]
         t_logits = self.dec.target(torch.cat([last, draft], 1), positions)              # [B, K+1, V]
         self.nan_seen[0] |= torch.isnan(t_logits).any()
-        if cfg.do_sample:
-            verdict = verify_sampling(draft, valid, torch.stack(q_rows, 1), torch.stack(slots, 1), ids,
-                                      t_logits, cfg, self.uniforms, self.next_noise)
-        else:
-            verdict = verify_greedy(draft, valid, t_logits)
+        verdict = self._verify(draft, valid, q_rows, slots, ids, t_logits)
         # --- commit: cut at the first EOS and at the token budget; finished rows commit nothing
         live = ~self.done
         n_commit = verdict.n_accepted + 1
-        in_block = self.steps_k < n_commit.unsqueeze(1)
-        is_eos = torch.isin(verdict.tokens, self.eos) & in_block
+        is_eos = torch.isin(verdict.tokens, self.eos) & (self.steps_k < n_commit.unsqueeze(1))
         first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), K + 1)
-        n_commit = torch.minimum(n_commit, first_eos + 1)
-        n_commit = torch.minimum(n_commit, self.max_new - self.generated) * live
+        n_commit = torch.minimum(torch.minimum(n_commit, first_eos + 1), self.max_new - self.generated) * live
         commit_mask = self.steps_k < n_commit.unsqueeze(1)                               # [B, K+1]
         self.tokens.scatter_(1, n.unsqueeze(1) + self.steps_k, verdict.tokens)
         # Account before the policy update: `ids` / `n_act` are the policy's live buffers.
         self._account(verdict.n_accepted, verdict.tokens, commit_mask, n_commit, live, ids, n_act)
         k = self.policy.target_topk
         topk = torch.topk(t_logits[..., : self.dec.vocab_size], k, dim=-1).indices if k else None
-        self.policy.on_commit(verdict.tokens, commit_mask & (verdict.tokens < self.dec.vocab_size), topk)
-        self.n = n + n_commit
-        self.generated = self.generated + n_commit
-        hit_eos = (is_eos & commit_mask).any(1)
-        self.done = self.done | hit_eos | (self.generated >= self.max_new)
+        hidden = None
+        if self.policy.wants_hidden:  # newest position whose input is committed: index n_commit - 1
+            hidden = _pick(self.dec.target.hidden, (n_commit - 1).clamp(min=0))
+        self.policy.on_commit(verdict.tokens, commit_mask & (verdict.tokens < self.dec.vocab_size), topk,
+                              hidden=hidden)
+        self.done |= (is_eos & commit_mask).any(1) | (self.generated + n_commit >= self.max_new)
+        self.n.add_(n_commit)
+        self.generated.add_(n_commit)
 
     def _account(self, n_acc, tokens, commit_mask, n_commit, live, ids, n_act) -> None:
         ids_b = ids.expand(self.B, -1)
@@ -182,28 +193,51 @@ class DecodeRun:
         dec, policy = self.dec, self.policy
         dec.target.allocate(self.B, self.S)
         dec.drafter.allocate(self.B, self.S)
+        dec.target.capture_hidden(policy.wants_hidden)
         eos_in_vocab = [e for e in self.eos.tolist() if e < dec.vocab_size]
         policy.setup(self.B, dec.vocab_size, eos_in_vocab, self.device)
         self.head.bind(*policy.active())
         self._allocate_noise()
-        last_logits, topk = self._prefill()
+        last_logits, topk, hidden = self._prefill()
         prompt = self.tokens[:, : self.L]
-        policy.on_prefill(prompt, self.prompt_mask & (prompt < dec.vocab_size), topk)
+        policy.on_prefill(prompt, self.prompt_mask & (prompt < dec.vocab_size), topk, hidden=hidden)
         first = self._first_token(last_logits)
         self.tokens.scatter_(1, self.n.unsqueeze(1), first.unsqueeze(1))
-        self.n, self.generated = self.n + 1, self.generated + 1
-        self.done = torch.isin(first, self.eos) | (self.max_new <= 1)
-        policy.on_commit(first.unsqueeze(1), (first < dec.vocab_size).unsqueeze(1))
+        self.n.add_(1)
+        self.generated.add_(1)
+        self.done |= torch.isin(first, self.eos) | (self.max_new <= 1)
+        policy.on_commit(first.unsqueeze(1), (first < dec.vocab_size).unsqueeze(1), hidden=hidden)
 
-    def execute(self, original_ids: Tensor, pad: int) -> GenerateOutput:
-        self.start()
-        watcher = _DoneWatcher(self.device)
-        for _ in range(self.max_new - 1):          # every live row commits >= 1 token per step
-            if watcher.all_done(self.done):
-                break
+    def _capture(self) -> None:
+        """Run one real step on a side stream (warm-up, as CUDA graphs require), then capture the next."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
             self._draw_noise()
             self.step()
             self.num_steps += 1
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def run_steps(self, watcher: "_DoneWatcher | None" = None) -> None:
+        """Decode until every row is done (each live row commits >= 1 token per step)."""
+        watcher = watcher or _DoneWatcher(self.device)
+        while self.num_steps < self.max_new - 1 and not watcher.all_done(self.done):
+            if self.cuda_graph and self.graph is None:
+                self._capture()
+                continue
+            self._draw_noise()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            self.num_steps += 1
+
+    def execute(self, original_ids: Tensor, pad: int) -> GenerateOutput:
+        self.start()
+        self.run_steps()
         return GenerateOutput(self._sequences(original_ids, pad), self._stats())
 
     def _sequences(self, original_ids: Tensor, pad: int) -> Tensor:
@@ -234,6 +268,11 @@ class DecodeRun:
             num_committed=s["committed"],
             accepted_histogram=self.histogram.tolist(),
         )
+
+
+def _pick(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, T, N], idx [B] -> x[b, idx[b]] as [B, N]."""
+    return x.gather(1, idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
 
 
 class _DoneWatcher:

@@ -87,6 +87,18 @@ class CausalLM:
         self.num_layers = config.num_hidden_layers
         self.windows = self._mask_windows(config)
         self.cache: RowKVCache | None = None
+        self.hidden: Tensor | None = None      # final hidden states of the last call, when captured
+        self._hidden_hook = None
+
+    def capture_hidden(self, enable: bool = True) -> None:
+        """Keep the input of the output head (the final hidden states [B, T, D]) of every call in `hidden`."""
+        if enable and self._hidden_hook is None:
+            def keep(_module, args):
+                self.hidden = args[0]
+            self._hidden_hook = self.model.get_output_embeddings().register_forward_pre_hook(keep)
+        elif not enable and self._hidden_hook is not None:
+            self._hidden_hook.remove()
+            self._hidden_hook, self.hidden = None, None
 
     @staticmethod
     def _mask_windows(config) -> dict[str, int | None]:

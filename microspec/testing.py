@@ -75,25 +75,29 @@ class PolicyContract:
     block = 4                  # committed tokens per verification step (K + 1)
     special_ids = (2, 5)
     num_commits = 6
+    hidden_size = 16           # width of the `hidden` given to policies with wants_hidden
 
     def make_policy(self) -> VocabPolicy:  # pragma: no cover - abstract
         raise NotImplementedError("subclasses return a fresh policy")
 
     # ------------------------------------------------------------------ scene
     def history(self, seed: int, batch_size: int | None = None, device="cpu"):
-        """A reproducible request: (prompt_ids, prompt_mask, prompt_topk, [(ids, mask, topk), ...])."""
+        """A reproducible request: ((prompt_ids, prompt_mask, prompt_topk, hidden),
+        [(ids, mask, topk, hidden), ...])."""
         g = torch.Generator().manual_seed(seed)
         B, L, V, M = batch_size or self.batch_size, self.prompt_len, self.vocab_size, self.block
         k = 3
         ids = torch.randint(0, V, (B, L), generator=g)
         lengths = torch.randint(1, L + 1, (B,), generator=g)
         mask = torch.arange(L) >= (L - lengths).unsqueeze(1)                      # left padding
-        prompt = (ids.masked_fill(~mask, 0), mask, torch.randint(0, V, (B, L, k), generator=g))
+        D = self.hidden_size
+        prompt = (ids.masked_fill(~mask, 0), mask, torch.randint(0, V, (B, L, k), generator=g),
+                  torch.randn(B, D, generator=g))
         commits = []
         for _ in range(self.num_commits):
             n = torch.randint(0, M + 1, (B,), generator=g)
             commits.append((torch.randint(0, V, (B, M), generator=g), torch.arange(M) < n.unsqueeze(1),
-                            torch.randint(0, V, (B, M, k), generator=g)))
+                            torch.randint(0, V, (B, M, k), generator=g), torch.randn(B, D, generator=g)))
         move = lambda t: t.to(device)  # noqa: E731
         return (tuple(map(move, prompt)), [tuple(map(move, c)) for c in commits])
 
@@ -106,12 +110,16 @@ class PolicyContract:
     def _topk(policy, topk):
         return topk if policy.target_topk else None
 
+    @staticmethod
+    def _hidden(policy, hidden):
+        return hidden if policy.wants_hidden else None
+
     def run_history(self, policy, prompt, commits, check=None):
-        policy.on_prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]))
+        policy.on_prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]), hidden=self._hidden(policy, prompt[3]))
         if check:
             check(policy)
-        for ids, mask, topk in commits:
-            policy.on_commit(ids, mask, self._topk(policy, topk))
+        for ids, mask, topk, hidden in commits:
+            policy.on_commit(ids, mask, self._topk(policy, topk), hidden=self._hidden(policy, hidden))
             if check:
                 check(policy)
 
@@ -178,12 +186,13 @@ class PolicyContract:
             policy = self.setup_policy()
             policy.on_prefill(prompt[0].where(prompt[1], torch.randint(0, self.vocab_size, prompt[0].shape,
                                                                        generator=g)),
-                              prompt[1], self._topk(policy, prompt[2]))
-            for ids, mask, topk in commits:
+                              prompt[1], self._topk(policy, prompt[2]), hidden=self._hidden(policy, prompt[3]))
+            for ids, mask, topk, hidden in commits:
                 noise = torch.randint(0, self.vocab_size, ids.shape, generator=g)
                 topk_noise = torch.randint(0, self.vocab_size, topk.shape, generator=g)
                 policy.on_commit(ids.where(mask, noise), mask,
-                                 self._topk(policy, topk.where(mask.unsqueeze(-1), topk_noise)))
+                                 self._topk(policy, topk.where(mask.unsqueeze(-1), topk_noise)),
+                                 hidden=self._hidden(policy, hidden))
             outs.append(self.snapshot(policy))
         assert all(torch.equal(a, b) for a, b in zip(*outs)), "masked-out entries changed the active set"
 
@@ -231,9 +240,9 @@ class PolicyContract:
         torch._dynamo.reset()
         prefill = torch.compile(policy.on_prefill, fullgraph=True, backend="eager")
         commit = torch.compile(policy.on_commit, fullgraph=True, backend="eager")
-        prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]))
-        for ids, mask, topk in commits:
-            commit(ids, mask, self._topk(policy, topk))
+        prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]), hidden=self._hidden(policy, prompt[3]))
+        for ids, mask, topk, hidden in commits:
+            commit(ids, mask, self._topk(policy, topk), hidden=self._hidden(policy, hidden))
         self.assert_valid(policy)
         reference = self.setup_policy()
         self.run_history(reference, prompt, commits)

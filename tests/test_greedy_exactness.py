@@ -145,3 +145,41 @@ def test_decoder_is_reusable_and_leaves_models_untouched():
         ids, mask, expected = reference("llama", batch, seed, 37, (EOS,))
         out = decoder.generate(ids, attention_mask=mask, max_new_tokens=37, eos_token_id=[EOS], pad_token_id=PAD)
         assert torch.equal(out.sequences, expected)
+
+
+class _HiddenRecorder(InContextPolicy):
+    wants_hidden = True
+
+    def setup(self, *args, **kwargs):
+        self.seen = []
+        super().setup(*args, **kwargs)
+
+    def on_prefill(self, prompt_ids, prompt_mask, target_topk=None, hidden=None):
+        self.seen.append(("prefill", None, None, hidden.clone()))
+        super().on_prefill(prompt_ids, prompt_mask, target_topk)
+
+    def on_commit(self, committed_ids, committed_mask, target_topk=None, hidden=None):
+        self.seen.append(("commit", committed_ids.clone(), committed_mask.clone(), hidden.clone()))
+        super().on_commit(committed_ids, committed_mask, target_topk)
+
+
+def test_hidden_state_hook_gives_the_state_behind_the_newest_committed_token():
+    """`hidden` is the target's final hidden state whose logits chose the newest committed token (greedy)."""
+    target = models("llama")["same"]
+    ids, mask, expected = reference("llama", 4, 0, 37, (EOS,))
+    policy = _HiddenRecorder(capacity=40)
+    out = SpecDecoder(target, models("llama")["noisy"], policy, 3).generate(
+        ids, attention_mask=mask, max_new_tokens=37, eos_token_id=[EOS], pad_token_id=PAD)
+    assert torch.equal(out.sequences, expected)
+    head = target.get_output_embeddings().weight.detach()
+    first = expected[:, ids.shape[1]]
+    kind, _, _, hidden = policy.seen[0]
+    assert kind == "prefill" and torch.equal((hidden @ head.T).argmax(-1), first)
+    checked = 0
+    for kind, tokens, commit_mask, hidden in policy.seen[2:]:          # [1] is the first token's commit
+        n = commit_mask.sum(1)
+        live = n > 0
+        newest = tokens.gather(1, (n - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        assert torch.equal((hidden @ head.T).argmax(-1)[live], newest[live])
+        checked += int(live.sum())
+    assert checked > 10

@@ -51,6 +51,6 @@ def test_gather_head_mode_step_never_syncs():
 
 def test_the_detector_would_notice():
     run = started_run("llama", "incontext", do_sample=False)
-    run.policy.on_commit = lambda ids, mask, topk=None: ids.tolist()
+    run.policy.on_commit = lambda ids, mask, topk=None, hidden=None: ids.tolist()
     with pytest.raises(HostSyncError), torch.inference_mode(), no_host_sync():
         run.step()

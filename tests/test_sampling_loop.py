@@ -219,7 +219,7 @@ class RecordingCommits(InContextPolicy):
         self.sets.append(ids.clone())
         return ids, n
 
-    def on_commit(self, committed_ids, committed_mask, target_topk=None):
+    def on_commit(self, committed_ids, committed_mask, target_topk=None, hidden=None):
         self.commits.append((committed_ids.clone(), committed_mask.clone()))
         super().on_commit(committed_ids, committed_mask, target_topk)
 

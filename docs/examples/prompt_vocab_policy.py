@@ -22,7 +22,7 @@ class PromptVocabPolicy(VocabPolicy):
         self.present[:, self.special_ids] = True
         self._publish()
 
-    def on_prefill(self, prompt_ids, prompt_mask, target_topk=None):
+    def on_prefill(self, prompt_ids, prompt_mask, target_topk=None, hidden=None):
         # Masked-out (padding) positions write into id 0 with value False OR'ed in: no effect.
         self.present.scatter_reduce_(1, prompt_ids, prompt_mask, reduce="amax")
         self._publish()

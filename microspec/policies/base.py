@@ -43,10 +43,15 @@ class VocabPolicy(abc.ABC):
     Class attributes a subclass may override:
         shared:       True when one set serves every batch row (static policies): R = 1.
         target_topk:  how many of the target's top ids per position the hooks want (0: none, saves a top-k).
+        wants_hidden: True to receive `hidden`, the target's final hidden state (the input of its LM head)
+                      at the newest position whose input token is committed, float [B, D_target]: a
+                      summary of the context for learned policies (ClusterPolicy). It is one token stale
+                      after a rejection (the corrected token has not been through the target yet).
     """
 
     shared: bool = False
     target_topk: int = 0
+    wants_hidden: bool = False
 
     def __init__(self, capacity: int):
         if not isinstance(capacity, int) or capacity < 1:
@@ -96,20 +101,25 @@ class VocabPolicy(abc.ABC):
         """The current set: (active_ids int64 [R, C], n_active int64 [R]). Same storage every call."""
         return self.active_ids, self.n_active
 
-    def on_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, target_topk: Tensor | None = None) -> None:
+    def on_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, target_topk: Tensor | None = None,
+                   hidden: Tensor | None = None) -> None:
         """Observe the prompts.
 
         prompt_ids   int64 [B, L]; prompt_mask bool [B, L] marks real tokens (padding is False);
         target_topk  int64 [B, L, k] the target's top-k next-token ids at each prompt position, when
-                     `target_topk` > 0, else None.
+                     `target_topk` > 0, else None;
+        hidden       float [B, D] the target's final hidden state at each row's last prompt token, when
+                     `wants_hidden`, else None.
         """
 
-    def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None) -> None:
+    def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
+                  hidden: Tensor | None = None) -> None:
         """Observe the tokens committed by one verification step.
 
         committed_ids  int64 [B, M] (M = K + 1); committed_mask bool [B, M] marks real commits (False for
         tokens past the accepted prefix, past EOS, or in finished rows); target_topk int64 [B, M, k]: the
-        target's top-k ids at the positions whose context is fully committed, aligned with committed_ids.
+        target's top-k ids at the positions whose context is fully committed, aligned with committed_ids;
+        hidden float [B, D]: see `wants_hidden` (rows that committed nothing repeat an older state).
         """
 
     # ------------------------------------------------------------------ helpers for subclasses

@@ -87,7 +87,8 @@ class InContextPolicy(VocabPolicy):
         self.active_ids.copy_(self._ids[:, : self.capacity])
 
     # ------------------------------------------------------------------ device side
-    def on_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, target_topk: Tensor | None = None) -> None:
+    def on_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, target_topk: Tensor | None = None,
+                   hidden: Tensor | None = None) -> None:
         # Newest positions first: when the prompt alone overflows the capacity, the recent context wins.
         cand = prompt_ids.unsqueeze(-1)
         if target_topk is not None and self.target_topk:
@@ -95,7 +96,8 @@ class InContextPolicy(VocabPolicy):
         valid = prompt_mask.unsqueeze(-1).expand_as(cand)
         self._insert(cand.flip(1).flatten(1), valid.flip(1).flatten(1))
 
-    def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None) -> None:
+    def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
+                  hidden: Tensor | None = None) -> None:
         cand, valid = committed_ids, committed_mask                                      # [B, M]
         if target_topk is not None and self.target_topk:
             top = target_topk[..., : self.target_topk]                                   # [B, M, k]
