@@ -81,7 +81,7 @@ if HAS_TRITON:
         h_ptr, table_ptr, ids_ptr, n_ptr, out_ptr,
         T, C, D,
         stride_hb, stride_ht, stride_table_r, stride_table_row, stride_ids_r, stride_ob, stride_ot,
-        SHARED: tl.constexpr, PACKED: tl.constexpr,
+        SHARED: tl.constexpr, PACKED: tl.constexpr, USE_DOT: tl.constexpr,
         T_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # One program scores BLOCK_C slots of one batch row for all T tokens of that row.
@@ -96,29 +96,73 @@ if HAS_TRITON:
             row_off = ids * stride_table_row
         ts = tl.arange(0, T_PAD)
         t_ok = ts < T
-        acc = tl.zeros((T_PAD, BLOCK_C), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            w = tl.load(table_ptr + row_off[:, None] + ds[None, :],
-                        mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)          # [BLOCK_C, BLOCK_D]
-            h = tl.load(h_ptr + b * stride_hb + ts[:, None] * stride_ht + ds[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)          # [T_PAD, BLOCK_D]
-            acc += tl.sum(h[:, None, :] * w[None, :, :], axis=2)
+        if T_PAD == 1:
+            # One token: accumulate products elementwise and reduce once at the end (no per-step shuffles).
+            acc2 = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < D
+                w = tl.load(table_ptr + row_off[:, None] + ds[None, :], mask=live[:, None] & d_ok[None, :],
+                            other=0.0, eviction_policy="evict_first").to(tl.float32)         # [BLOCK_C, BLOCK_D]
+                h = tl.load(h_ptr + b * stride_hb + ds, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+                acc2 += w * h[None, :]
+            acc = tl.sum(acc2, axis=1)[None, :]                                               # [1, BLOCK_C]
+        elif USE_DOT:
+            # Many tokens per row (a shared set serving a whole batch), half precision: tensor cores.
+            acc = tl.zeros((T_PAD, BLOCK_C), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < D
+                w = tl.load(table_ptr + row_off[:, None] + ds[None, :], mask=live[:, None] & d_ok[None, :],
+                            other=0.0, eviction_policy="evict_first")
+                h = tl.load(h_ptr + b * stride_hb + ts[:, None] * stride_ht + ds[None, :],
+                            mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = tl.dot(h, tl.trans(w), acc)
+        else:
+            acc = tl.zeros((T_PAD, BLOCK_C), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < D
+                w = tl.load(table_ptr + row_off[:, None] + ds[None, :], mask=live[:, None] & d_ok[None, :],
+                            other=0.0, eviction_policy="evict_first").to(tl.float32)         # [BLOCK_C, BLOCK_D]
+                h = tl.load(h_ptr + b * stride_hb + ts[:, None] * stride_ht + ds[None, :],
+                            mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)    # [T_PAD, BLOCK_D]
+                acc += tl.sum(h[:, None, :] * w[None, :, :], axis=2)
         acc = tl.where(live[None, :], acc, float("-inf"))
         tl.store(out_ptr + b * stride_ob + ts[:, None] * stride_ot + slots[None, :], acc,
                  mask=t_ok[:, None] & (slots < C)[None, :])
 
 
+def default_config(C: int, D: int, T: int) -> dict:
+    """Launch parameters by shape (block sizes, warps, pipeline depth); tuned on an H100, see
+    docs/benchmarks.md. Small BLOCK_C keeps enough programs in flight for a GEMV to reach bandwidth."""
+    t_pad = next_pow2(T)
+    if t_pad == 1:
+        return dict(block_c=16, block_d=256, num_warps=4, num_stages=3)
+    if t_pad >= 16:
+        return dict(block_c=32, block_d=128, num_warps=4, num_stages=3)
+    return dict(block_c=16, block_d=128, num_warps=4, num_stages=3)
+
+
 def _launch(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: Tensor, packed: bool,
-            block_c: int = 64, block_d: int = 128, num_warps: int = 4) -> Tensor:
+            block_c: int | None = None, block_d: int | None = None, num_warps: int | None = None,
+            num_stages: int | None = None) -> Tensor:
     B, T, D = hidden.shape
     C = table.shape[-2] if packed else active_ids.shape[-1]
+    shared = n_active.shape[0] == 1
+    if shared and B > 1:  # one set for the batch: read its rows once, batch rows become extra tokens
+        out = _launch(hidden.reshape(1, B * T, D), table, active_ids, n_active, packed, block_c, block_d,
+                      num_warps, num_stages)
+        return out.view(B, T, C)
     # The kernel indexes ids and n_active with unit inner stride: views are copied (a no-op when contiguous).
     hidden = hidden.contiguous() if hidden.stride(-1) != 1 else hidden
     table = table.contiguous() if table.stride(-1) != 1 else table
     n_active = n_active.contiguous()
     active_ids = active_ids.contiguous() if active_ids is not None else None
+    cfg = default_config(C, D, T)
+    block_c, block_d = block_c or cfg["block_c"], min(block_d or cfg["block_d"], next_pow2(D))
+    t_pad = max(next_pow2(T), 1)
+    use_dot = t_pad >= 16 and hidden.dtype in (torch.bfloat16, torch.float16)   # fp32 stays exact (no tf32)
     out = torch.empty((B, T, C), dtype=torch.float32, device=hidden.device)
     ids = active_ids if active_ids is not None else n_active          # unused by the packed kernel
     grid = (B, triton.cdiv(C, block_c))
@@ -128,9 +172,8 @@ def _launch(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: 
         hidden.stride(0), hidden.stride(1),
         table.stride(0) if packed else 0, table.stride(-2), ids.stride(0) if ids.dim() == 2 else 0,
         out.stride(0), out.stride(1),
-        SHARED=n_active.shape[0] == 1, PACKED=packed,
-        T_PAD=max(next_pow2(T), 1), BLOCK_C=block_c, BLOCK_D=min(block_d, next_pow2(D)),
-        num_warps=num_warps,
+        SHARED=shared, PACKED=packed, USE_DOT=use_dot, T_PAD=t_pad, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out
 

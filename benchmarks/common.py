@@ -1,0 +1,95 @@
+"""Timing helpers shared by the benchmarks: honest GPU timing and the physical floor.
+
+* `time_us(fn)`: median microseconds of `fn`. On CUDA, `triton.testing.do_bench` (CUDA events around each
+  repetition, L2 flushed between repetitions, so weights never come from cache) or, with `graph=True`, the
+  mean of many replays of a CUDA graph holding `fn` N times (no launch gaps: the steady state of a captured
+  decode step). On CPU, a plain wall-clock median (only for smoke tests: CPU numbers mean nothing here).
+* `copy_bandwidth()`: measured device-to-device copy bandwidth in bytes/s (read + write), the ceiling that
+  every memory-bound kernel is compared with.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_us(fn, *, graph: bool = False, reps: int = 100, warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    if not torch.cuda.is_available():
+        fn()
+        samples = []
+        for _ in range(max(3, min(reps, 10))):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples) * 1e6
+    if not graph:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    inner = 20
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(5, reps // inner)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src))
+    return 2 * nbytes / (us * 1e-6)
+
+
+def environment() -> dict:
+    """Device, software versions and date, stored with every result file."""
+    import transformers
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(sm_count=props.multi_processor_count, memory_gb=round(props.total_memory / 2**30, 1),
+                   l2_mb=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
+    return env
+
+
+def save(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Write one JSON result file per run: benchmarks/results/<name>_<date>_<time>.json."""
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    path = out_dir / f"{name}_{stamp}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path

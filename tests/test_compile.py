@@ -1,0 +1,72 @@
+"""`torch.compile(fullgraph=True)` of the policy update and the sparse head: one graph, no break, and no
+recompilation across decode steps (fixed shapes; `n_active`, positions and the set are data, not
+constants). CPU CI uses the `aot_eager` backend (full Dynamo + AOTAutograd tracing, no code generation);
+the GPU run adds Inductor (`MICROSPEC_COMPILE_BACKEND=inductor`)."""
+import os
+
+import pytest
+import torch
+import torch._dynamo
+
+from microspec import SparseLMHead
+from microspec.policies import InContextPolicy, StaticFrequencyPolicy
+
+BACKEND = os.environ.get("MICROSPEC_COMPILE_BACKEND", "aot_eager")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _strict_dynamo():
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+    torch._dynamo.reset()
+
+
+def history(B, V, M, steps, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        n = torch.randint(1, M + 1, (B,), generator=g)
+        yield (torch.randint(0, V, (B, M), generator=g).to(DEVICE), (torch.arange(M) < n[:, None]).to(DEVICE),
+               torch.randint(0, V, (B, M, k), generator=g).to(DEVICE))
+
+
+@pytest.mark.parametrize("policy", [InContextPolicy(capacity=64, topk=3), InContextPolicy(64, 3, eviction="fifo"),
+                                    InContextPolicy(64, 3, eviction=None)], ids=["lru", "fifo", "grow"])
+def test_policy_update_compiles_once(policy):
+    B, V, M = 3, 500, 6
+    policy.setup(B, V, [2], DEVICE)
+    reference = InContextPolicy(policy.capacity, policy.target_topk, policy.eviction)
+    reference.setup(B, V, [2], DEVICE)
+    commit = torch.compile(policy.on_commit, fullgraph=True, backend=BACKEND)
+    for ids, mask, topk in history(B, V, M, steps=12, k=3):
+        commit(ids, mask, topk)
+        reference.on_commit(ids, mask, topk)
+        assert torch.equal(policy.active_ids, reference.active_ids)
+        assert torch.equal(policy.n_active, reference.n_active)
+
+
+@pytest.mark.parametrize("mode", ["repack", "gather"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_head_compiles_once_and_follows_the_set(mode, shared):
+    B, V, D, C = 3, 500, 32, 64
+    weight = torch.randn(V, D, device=DEVICE)
+    policy = StaticFrequencyPolicy(torch.randperm(V), C) if shared else InContextPolicy(C, topk=3)
+    policy.setup(B, V, [2], DEVICE)
+    head = SparseLMHead(weight, mode=mode, async_gather=False)
+    head.bind(*policy.active())
+
+    def draft_logits(hidden):
+        head.refresh()
+        return head(hidden)
+
+    compiled = torch.compile(draft_logits, fullgraph=True, backend=BACKEND)
+    for step, (ids, mask, topk) in enumerate(history(B, V, 6, steps=8, k=3)):
+        hidden = torch.randn(B, 1, D, device=DEVICE)
+        out = compiled(hidden)
+        ids_now, n_now = policy.active()
+        expected = hidden @ weight[ids_now.clamp(min=0)].transpose(-1, -2)
+        live = torch.arange(C, device=DEVICE) < n_now[:, None, None]
+        torch.testing.assert_close(out[live.expand_as(out)], expected.expand_as(out)[live.expand_as(out)])
+        assert torch.isneginf(out[~live.expand_as(out)]).all()
+        policy.on_commit(ids, mask, topk)
