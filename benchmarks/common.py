@@ -4,6 +4,9 @@
   repetition, L2 flushed between repetitions, so weights never come from cache) or, with `graph=True`, the
   mean of many replays of a CUDA graph holding `fn` N times (no launch gaps: the steady state of a captured
   decode step). On CPU, a plain wall-clock median (only for smoke tests: CPU numbers mean nothing here).
+* `time_us_rotating(fns)`: per-call microseconds of a CUDA graph that calls `fns[0], fns[1], ...` round
+  robin, back to back: the steady state inside a captured decode step. Give enough copies of the inputs that
+  their footprint exceeds the L2 cache (`copies_beyond_l2`), so no call finds its data in cache.
 * `copy_bandwidth()`: measured device-to-device copy bandwidth in bytes/s (read + write), the ceiling that
   every memory-bound kernel is compared with.
 """
@@ -54,6 +57,40 @@ def time_us(fn, *, graph: bool = False, reps: int = 100, warmup_ms: int = 25, re
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def copies_beyond_l2(nbytes: int, cap: int = 64) -> int:
+    """How many copies of an input of `nbytes` make a round robin whose footprint is twice the L2 cache."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() else 50 << 20
+    return max(2, min(cap, -(-2 * l2 // max(nbytes, 1)) + 1))
+
+
+def time_us_rotating(fns, calls: int = 64, reps: int = 20) -> float:
+    if not torch.cuda.is_available():
+        return time_us(fns[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    calls = max(calls, len(fns))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del g
     return statistics.median(times)
 
 

@@ -1,24 +1,32 @@
-"""Coverage simulator: replay real prompt/response token ids through a `VocabPolicy`, no model needed.
+"""Coverage simulator: replay real prompt/response token ids through a `VocabPolicy`, with or without a model.
 
 Why: the drafter can only propose ids in the policy's active set, so the share of the target's output that
 lies in the set (coverage) caps the acceptance a sparse head can reach. Measuring it on real responses tells
 which policy and capacity are worth running before any GPU time is spent.
 
-The simulator drives the real policy object through its public hooks in the order `SpecDecoder` does:
+The simulator drives the real policy object through its public hooks in the order `SpecDecoder` does, with
+the decoder's tensor layout (each row's prompt compacted to the left, padding on the right):
 
     policy.setup(B, vocab_size, eos_ids, "cpu")
-    policy.on_prefill(prompt_ids [B, L] left-padded, prompt_mask [B, L], None)
-    response token 0 (the target's prefill token):   check, then on_commit(ids [B, 1], mask [B, 1])
-    then blocks of `block` (= K + 1) tokens:          ids, n = policy.active(); check; on_commit([B, block])
+    policy.on_prefill(prompt_ids [B, L], prompt_mask [B, L], topk [B, L, k] | None, hidden=[B, D] | None)
+    response token 0 (the target's prefill token):   check, then on_commit(ids [B, 1], mask, None, hidden)
+    then blocks of `block` (= K + 1) tokens:          ids, n = policy.active(); check; on_commit([B, block], ...)
 
 "check" counts a response token as covered when it is among the valid ids of its row's set as it stood
 before the token's block was committed. Every block is committed in full, as if every draft were accepted:
 that refreshes the set least often (real decoding commits 1..K+1 tokens per step), so for context-driven
-policies the estimate errs low; `block=1` gives the most frequent refresh. Rows are padded and masked; a
-finished row just has mask False, as in the decoder.
+policies the estimate errs low; `block=1` gives the most frequent refresh. A finished row has mask False.
 
-It is a text-only, oracle-free estimate: there is no target model, so `target_topk` is None in every hook
-and policies such as `InContextPolicy(topk=3)` lose the target's top-k predictions (they only see tokens).
+Two modes:
+  * text-only (`traces=None`): no target model, so `target_topk` and `hidden` are None in every hook and
+    policies such as `InContextPolicy(topk=3)` lose the target's top-k predictions (they see tokens only);
+  * model-based (`traces`, built by `microspec.model_coverage`): a `TargetTrace` per document holds the
+    target's top-k ids and final hidden states along the teacher-forced (prompt + response) sequence, and
+    the hooks get exactly what the decoder would hand them had the target produced that response: top-k at
+    every prompt position and at the committed positions of each block; the hidden state at the last prompt
+    position (prefill, token 0) and at the newest committed-input position (index n_commit - 1 of the
+    verified block; a finished row gets its last token's).
+
 Unlike `SpecStats.coverage`, which skips token 0 because the drafter never proposes it, all response tokens
 count here (one token per document; the README frequency baselines count them too).
 
@@ -39,17 +47,37 @@ from .policies.base import VocabPolicy
 
 
 @dataclass
+class TargetTrace:
+    """The target's view of one teacher-forced document (prompt then response: N = L + T positions).
+
+    topk    int64 [N, k]       the target's top-k next-token ids at every position (row p predicts p + 1)
+    hidden  float [N, D] | None  the target's final hidden state (the input of its LM head) at every position
+    """
+    topk: Tensor
+    hidden: Tensor | None = None
+
+
+def _quantiles(x: Tensor, qs=(0.1, 0.5, 0.9)) -> list[float]:
+    if x.numel() == 0:
+        return [0.0] * len(qs)
+    return torch.quantile(x.double(), torch.tensor(qs, dtype=torch.double)).tolist()
+
+
+@dataclass
 class CoverageResult:
     """Outcome of one `simulate` run.
 
     covered  int64 [D]  covered response tokens per document (input order)
     tokens   int64 [D]  response tokens per document
     active   int64 [S]  the row's active-set size n before each (document, block) that held response tokens
-    seconds  wall time of the simulation (tokenization excluded)
+    delta    int64 [S'] slots whose id changed since the row's previous block (rows a repack head gathers per
+                        step), one per (document, block) after the first
+    seconds  wall time of the simulation (tokenization and model forwards excluded)
     """
     covered: Tensor
     tokens: Tensor
     active: Tensor
+    delta: Tensor | None = None
     seconds: float = 0.0
 
     @property
@@ -69,31 +97,49 @@ class CoverageResult:
         if self.active.numel() == 0:
             return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "max": 0.0}
         a = self.active.double()
-        q = torch.quantile(a, torch.tensor([0.5, 0.9], dtype=torch.double))
-        return {"mean": float(a.mean()), "p50": float(q[0]), "p90": float(q[1]), "max": float(a.max())}
+        _, p50, p90 = _quantiles(a)
+        return {"mean": float(a.mean()), "p50": p50, "p90": p90, "max": float(a.max())}
+
+    def doc_coverage(self) -> Tensor:
+        """float64 [D'] coverage of each document that has response tokens."""
+        keep = self.tokens > 0
+        return self.covered[keep].double() / self.tokens[keep].double()
 
     def summary(self) -> dict:
+        """Pooled coverage and its spread over documents, active size and its spread, delta rows per step."""
         s = self.active_stats()
+        per_doc = self.doc_coverage()
+        d10, d50, d90 = _quantiles(per_doc)
+        a10, _, _ = _quantiles(self.active)
+        delta = self.delta if self.delta is not None else torch.zeros(0, dtype=torch.long)
         return {"docs": self.docs, "tokens": self.total_tokens, "covered": int(self.covered.sum()),
-                "coverage": self.coverage, "active_mean": s["mean"], "active_p50": s["p50"],
-                "active_p90": s["p90"], "active_max": s["max"], "seconds": self.seconds}
+                "coverage": self.coverage,
+                "doc_coverage_mean": float(per_doc.mean()) if per_doc.numel() else 0.0,
+                "doc_coverage_std": float(per_doc.std()) if per_doc.numel() > 1 else 0.0,
+                "doc_coverage_p10": d10, "doc_coverage_p50": d50, "doc_coverage_p90": d90,
+                "active_mean": s["mean"],
+                "active_std": float(self.active.double().std()) if self.active.numel() > 1 else 0.0,
+                "active_p10": a10, "active_p50": s["p50"], "active_p90": s["p90"], "active_max": s["max"],
+                "delta_mean": float(delta.double().mean()) if delta.numel() else 0.0,
+                "seconds": self.seconds}
 
     @staticmethod
     def merge(results: list["CoverageResult"]) -> "CoverageResult":
         """Concatenate several results (e.g. per-dataset runs) into one."""
+        deltas = [r.delta for r in results if r.delta is not None]
         return CoverageResult(torch.cat([r.covered for r in results]), torch.cat([r.tokens for r in results]),
-                              torch.cat([r.active for r in results]), sum(r.seconds for r in results))
+                              torch.cat([r.active for r in results]), torch.cat(deltas) if deltas else None,
+                              sum(r.seconds for r in results))
 
 
-def _pad(seqs: list[Tensor], left: bool) -> tuple[Tensor, Tensor]:
-    """Pad int64 sequences to [B, max(L, 1)] with 0 and a bool mask of the real tokens."""
-    B, L = len(seqs), max(1, max(s.numel() for s in seqs))
-    ids = torch.zeros(B, L, dtype=torch.long)
+def _pad(seqs: list[Tensor], fill=0) -> tuple[Tensor, Tensor]:
+    """Right-pad tensors [n_i, *F] to [B, max(n_i, 1), *F] with `fill`, plus a bool mask [B, max] of real rows."""
+    B, L = len(seqs), max(1, max(s.shape[0] for s in seqs))
+    out = torch.full((B, L, *seqs[0].shape[1:]), fill, dtype=seqs[0].dtype)
     mask = torch.zeros(B, L, dtype=torch.bool)
     for r, s in enumerate(seqs):
-        cols = slice(L - s.numel(), L) if left else slice(0, s.numel())
-        ids[r, cols], mask[r, cols] = s, True
-    return ids, mask
+        out[r, : s.shape[0]], mask[r, : s.shape[0]] = s, True
+    return out, mask
 
 
 def _check_ids(docs, vocab_size: int) -> None:
@@ -102,6 +148,22 @@ def _check_ids(docs, vocab_size: int) -> None:
             bad = t[(t < 0) | (t >= vocab_size)]
             if bad.numel():
                 raise ValueError(f"document {i}: {name} token id {int(bad[0])} outside [0, {vocab_size})")
+
+
+def _check_traces(policy: VocabPolicy, docs, traces) -> None:
+    if len(traces) != len(docs):
+        raise ValueError(f"{len(traces)} traces for {len(docs)} documents")
+    for i, ((p, r), tr) in enumerate(zip(docs, traces)):
+        n = p.numel() + r.numel()
+        if p.numel() == 0:
+            raise ValueError(f"document {i}: model-based coverage needs a non-empty prompt")
+        if tr.topk.shape[0] != n or (tr.hidden is not None and tr.hidden.shape[0] != n):
+            raise ValueError(f"document {i}: trace covers {tr.topk.shape[0]} positions, expected {n}")
+        if tr.topk.shape[1] < policy.target_topk:
+            raise ValueError(f"{policy!r} wants the target's top-{policy.target_topk}; the traces hold "
+                             f"top-{tr.topk.shape[1]}")
+        if policy.wants_hidden and tr.hidden is None:
+            raise ValueError(f"{policy!r} wants the target's hidden states; the traces hold none")
 
 
 class _Membership:
@@ -130,8 +192,14 @@ class _Membership:
         return (self.stamp.gather(1, look) == self.step).view(B, M)
 
 
+def batch_order(docs) -> list[int]:
+    """The order in which `simulate` batches documents: by response length, then prompt length (stable)."""
+    return sorted(range(len(docs)), key=lambda i: (len(docs[i][1]), len(docs[i][0])))
+
+
 def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), block: int = 6,
-             batch_size: int = 64, progress=None, num_threads: int | None = 1) -> CoverageResult:
+             batch_size: int = 64, progress=None, num_threads: int | None = 1,
+             traces: list[TargetTrace] | None = None) -> CoverageResult:
     """Replay (prompt_ids, response_ids) documents through `policy` and measure coverage of the responses.
 
     Args:
@@ -144,8 +212,10 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
         progress:        optional object with `update(n_tokens)` (e.g. a tqdm bar).
         num_threads:     torch threads while simulating (restored afterwards; None: leave as is). The
                          per-block ops are small, so one thread is as fast and much steadier on a busy host.
+        traces:          one `TargetTrace` per document for model-based coverage (see the module docstring);
+                         None for text-only. Required when the policy wants top-k ids or hidden states.
     Returns:
-        CoverageResult with per-document counts in input order. Documents are batched by length internally.
+        CoverageResult with per-document counts in input order. Documents are batched by `batch_order`.
 
     Example (a static set of ids {1, 2} plus EOS 0, response [1, 3, 2, 0] -> 3 of 4 covered):
         >>> from microspec.policies import StaticFrequencyPolicy
@@ -158,10 +228,13 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
     docs = [(torch.as_tensor(p, dtype=torch.long).flatten(), torch.as_tensor(r, dtype=torch.long).flatten())
             for p, r in pairs_token_ids]
     _check_ids(docs, vocab_size)
+    if traces is not None:
+        _check_traces(policy, docs, traces)
     D = len(docs)
     covered, tokens = torch.zeros(D, dtype=torch.long), torch.zeros(D, dtype=torch.long)
     active: list[Tensor] = []
-    order = sorted(range(D), key=lambda i: (docs[i][1].numel(), docs[i][0].numel()))   # less padding
+    delta: list[Tensor] = []
+    order = batch_order(docs)
     member = None
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
@@ -174,28 +247,71 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
             R = policy.active_ids.shape[0]
             if member is None or member.stamp.shape[0] != R:
                 member = _Membership(R, vocab_size)
-            cov, tok, act = _run_batch(policy, member, [docs[i] for i in rows], block, progress)
+            batch_traces = None if traces is None else [traces[i] for i in rows]
+            cov, tok = _run_batch(policy, member, [docs[i] for i in rows], block, progress, batch_traces,
+                                  active, delta)
             covered[rows], tokens[rows] = cov, tok
-            active += act
     finally:
         torch.set_num_threads(threads)
-    active_t = torch.cat(active) if active else torch.zeros(0, dtype=torch.long)
-    return CoverageResult(covered, tokens, active_t, time.perf_counter() - t0)
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+    return CoverageResult(covered, tokens, cat(active), cat(delta), time.perf_counter() - t0)
+
+
+class _Oracle:
+    """The hook inputs a batch's traces give: top-k and hidden states gathered at decoder positions."""
+
+    def __init__(self, policy: VocabPolicy, traces: list[TargetTrace] | None, prompt_len: Tensor,
+                 resp_len: Tensor):
+        self.k = policy.target_topk if traces is not None else 0
+        self.on = traces is not None
+        self.Lp, self.T = prompt_len, resp_len                                          # [B], [B]
+        if self.on:
+            self.topk = _pad([t.topk[:, : self.k] for t in traces])[0] if self.k else None  # [B, N, k]
+            self.hidden = _pad([t.hidden for t in traces])[0] if policy.wants_hidden else None  # [B, N, D]
+
+    def _hidden_at(self, pos: Tensor) -> Tensor | None:
+        if self.hidden is None:
+            return None
+        return self.hidden.gather(1, pos.view(-1, 1, 1).expand(-1, 1, self.hidden.shape[-1])).squeeze(1)
+
+    def prefill(self, width: int):
+        """(topk [B, width, k] at prompt positions | None, hidden [B, D] at the last prompt position)."""
+        if not self.on:
+            return None, None
+        topk = self.topk[:, :width] if self.k else None
+        return topk, self._hidden_at(self.Lp - 1)
+
+    def block(self, a: int, width: int, n_commit: Tensor):
+        """Block of response tokens [a, a + width) with n_commit [B] real commits -> (topk [B, width, k],
+        hidden [B, D]): top-k at positions Lp + a - 1 + j (they predict response token a + j); hidden at
+        the newest committed input Lp + a + n_commit - 2, or at the last token for a finished row."""
+        if not self.on:
+            return None, None
+        topk = None
+        if self.k:
+            pos = (self.Lp + a - 1).unsqueeze(1) + torch.arange(width)                  # [B, width]
+            pos = pos.clamp(max=self.topk.shape[1] - 1)                                 # padding tail
+            topk = self.topk.gather(1, pos.unsqueeze(-1).expand(-1, -1, self.k))
+        newest = torch.where(n_commit > 0, self.Lp + a + n_commit - 2, self.Lp + self.T - 1)
+        return topk, self._hidden_at(newest)
 
 
 @torch.no_grad()  # not inference_mode: the policy's buffers must stay usable after the simulation
-def _run_batch(policy, member: _Membership, docs, block: int, progress):
-    """Prefill + commit loop for one batch of documents -> (covered [B], tokens [B], [active sizes])."""
+def _run_batch(policy, member: _Membership, docs, block: int, progress, traces, active: list, delta: list):
+    """Prefill + commit loop for one batch of documents -> (covered [B], tokens [B]); appends to the
+    active-size and delta lists."""
     B = len(docs)
-    prompt, prompt_mask = _pad([p for p, _ in docs], left=True)                         # [B, L]
-    policy.on_prefill(prompt, prompt_mask, None)
-    resp, resp_mask = _pad([r for _, r in docs], left=False)                            # [B, T]
+    prompt, prompt_mask = _pad([p for p, _ in docs])                                    # [B, L]
+    resp, resp_mask = _pad([r for _, r in docs])                                        # [B, T]
+    oracle = _Oracle(policy, traces, prompt_mask.sum(1), resp_mask.sum(1))
+    topk, hidden = oracle.prefill(prompt.shape[1])
+    policy.on_prefill(prompt, prompt_mask, topk, hidden=hidden)
     T = resp.shape[1]
     bounds = [(0, 1)] + [(j, j + block) for j in range(1, T, block)]   # token 0 alone, as SpecDecoder
     pad = bounds[-1][1] - T                                             # every block has static width
     resp = torch.nn.functional.pad(resp, (0, pad))
     resp_mask = torch.nn.functional.pad(resp_mask, (0, pad))
-    covered, active = torch.zeros(B, dtype=torch.long), []
+    covered, prev = torch.zeros(B, dtype=torch.long), None
     for a, b in bounds:
         tok, mask = resp[:, a:b], resp_mask[:, a:b]                                     # [B, b - a]
         if not mask.any():
@@ -203,8 +319,75 @@ def _run_batch(policy, member: _Membership, docs, block: int, progress):
         ids, n = policy.active()                                                        # [R, C], [R]
         member.mark(ids, n)
         covered += (member.contains(tok) & mask).sum(1)
-        active.append(n.expand(B)[mask.any(1)].clone())
-        policy.on_commit(tok, mask, None)
+        live = mask.any(1)
+        active.append(n.expand(B)[live].clone())
+        w = int(n.max())                                  # valid slots are a prefix: compare only those
+        if prev is not None:
+            old = torch.full((ids.shape[0], w), -1, dtype=torch.long)
+            old[:, : min(w, prev.shape[1])] = prev[:, :w]
+            changed = ((ids[:, :w] != old) & (torch.arange(w) < n.unsqueeze(1))).sum(1)    # [R]
+            delta.append(changed.expand(B)[live])
+        prev = ids[:, :w].clone()
+        if a == 0:   # token 0: the decoder commits it with no top-k and the prefill hidden state
+            policy.on_commit(tok, mask, None, hidden=hidden)
+        else:
+            topk, hidden_b = oracle.block(a, b - a, mask.sum(1))
+            policy.on_commit(tok, mask, topk, hidden=hidden_b)
         if progress is not None:
             progress.update(int(mask.sum()))
-    return covered, resp_mask.sum(1), active
+    return covered, resp_mask.sum(1)
+
+
+def compare_at_same_size(rows: list[dict], reference: str = "static") -> None:
+    """Give each row `<reference>_at_same_size`: the reference policy's coverage on the same dataset at the
+    row's mean active size, interpolated linearly in log(size) between measured capacities (None outside
+    the measured range, and for the reference rows themselves). Rows are the `summary()` dicts + policy."""
+    import math
+    for r in rows:
+        pts = sorted((x["active_mean"], x["coverage"]) for x in rows
+                     if x["policy"] == reference and x["dataset"] == r["dataset"])
+        value = None
+        if r["policy"] != reference and pts and pts[0][0] <= r["active_mean"] <= pts[-1][0]:
+            for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[-1:]):
+                if x0 <= r["active_mean"] <= x1:
+                    f = 0.0 if x1 == x0 else math.log(r["active_mean"] / x0) / math.log(x1 / x0)
+                    value = y0 + f * (y1 - y0)
+                    break
+        r[f"{reference}_at_same_size"] = value
+
+
+def plot_coverage(rows: list[dict], path, title: str = "") -> None:
+    """PNG of coverage vs mean active size: one panel per dataset, one line per policy across capacities.
+
+    rows: dicts with "policy", "dataset", "capacity", "active_mean", "coverage" (the `summary()` keys), as the
+    coverage command writes them. A policy seen at one capacity only (full vocabulary) is one marker.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    cols = min(3, len(datasets))
+    nrows = -(-len(datasets) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    for ax, ds in zip(axes.flat, datasets):
+        for i, pol in enumerate(policies):
+            pts = sorted((r["active_mean"], r["coverage"]) for r in rows
+                         if r["dataset"] == ds and r["policy"] == pol)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=4, label=pol, color=plt.cm.tab10(i % 10))
+        ax.set_xscale("log")
+        ax.set_title(ds, fontsize=10)
+        ax.set_xlabel("mean active size (rows scored)")
+        ax.set_ylabel("coverage of response tokens")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

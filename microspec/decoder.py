@@ -86,6 +86,7 @@ class SpecDecoder:
         head_mode: "repack" (delta gather into a buffer, default) or "gather" (fused gather-GEMV).
         prefill_chunk: prompt positions per prefill forward (bounds the [B, chunk, V] logits).
         cuda_graph: capture the whole decode step in a CUDA graph and replay it (CUDA only; default on).
+        async_gather: copy newly admitted head rows on a side CUDA stream, overlapping the drafter's layers.
 
     Example:
         >>> out = SpecDecoder(target, drafter, InContextPolicy(capacity=2048), 5).generate(ids, max_new_tokens=64)
@@ -94,7 +95,7 @@ class SpecDecoder:
 
     def __init__(self, target: nn.Module, drafter: nn.Module, policy: VocabPolicy, num_speculative_tokens: int = 4,
                  *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, async_gather: bool = True):
         if not isinstance(policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy, got {type(policy).__name__}")
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
@@ -108,7 +109,7 @@ class SpecDecoder:
         self.target = CausalLM(target)
         drafter_view = _shallow_model_copy(drafter)
         mode = "dense" if isinstance(policy, FullVocab) else head_mode
-        self.head = sparsify_lm_head_(drafter_view, mode=mode).head
+        self.head = sparsify_lm_head_(drafter_view, mode=mode, async_gather=async_gather).head
         self.drafter = CausalLM(drafter_view)
         if self.drafter.device != self.target.device:
             raise ValueError(f"drafter on {self.drafter.device}, target on {self.target.device}")

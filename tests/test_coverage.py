@@ -191,3 +191,96 @@ def test_cli_token_map(tiny, capsys):
         row = capsys.readouterr().out.splitlines()[2].split()
         assert row[:2] == ["static", capacity]
         assert float(row[5]) == 1.0 if expect else float(row[5]) < 1.0   # capacity 9: EOS pushes id 9 out
+
+
+# ------------------------------------------------------------------------------------- spread, plot, modes
+def test_summary_spread_and_delta_by_hand():
+    # Two documents, static set {0, 5, 6}: doc A covers 2 of 4, doc B 3 of 3. Static sets never change.
+    res = simulate(StaticFrequencyPolicy([5, 6], capacity=3), [([1], [5, 9, 6, 9]), ([2], [5, 5, 6])], V,
+                   eos_ids=[0], block=2)
+    s = res.summary()
+    assert res.doc_coverage().tolist() == [0.5, 1.0]
+    assert s["doc_coverage_mean"] == 0.75 and s["doc_coverage_p10"] == pytest.approx(0.55)
+    assert s["doc_coverage_p90"] == pytest.approx(0.95) and s["doc_coverage_std"] == pytest.approx(0.3536, abs=1e-4)
+    assert s["delta_mean"] == 0 and s["active_std"] == 0
+    # In-context, one document: slots change only when a new id arrives (prefill set {0, 1} fills nothing
+    # between blocks): [4] | [4 9] | [9 2] -> after [4]: +4 (1 slot), after [4 9]: +9 (1 slot).
+    res = simulate(InContextPolicy(capacity=8, topk=0), [([1], [4, 4, 9, 9, 2])], V, eos_ids=[0], block=2)
+    assert res.active.tolist() == [2, 3, 4] and res.delta.tolist() == [1, 1]
+
+
+def test_plot_and_same_size_comparison(tmp_path):
+    from microspec.coverage import compare_at_same_size, plot_coverage
+    rows = [{"policy": p, "dataset": d, "capacity": c, "active_mean": a, "coverage": v}
+            for d in ("x", "all") for p, c, a, v in (("static", 8, 8, 0.5), ("static", 32, 32, 0.7),
+                                                    ("incontext", 8, 16, 0.65), ("incontext", 4, 4, 0.3),
+                                                    ("full", 50, 50, 1.0))]
+    plot_coverage(rows, tmp_path / "p.png", "title")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    compare_at_same_size(rows)
+    same = [r["static_at_same_size"] for r in rows[:5]]
+    # 16 rows lies halfway between 8 and 32 in log size: 0.6. Sizes 4 and 50 are outside the static range.
+    assert same[0] is None and same[1] is None and same[2] == pytest.approx(0.6)
+    assert same[3] is None and same[4] is None
+
+
+def make_text_policy(capacity):
+    """A `--custom` factory for the CLI test."""
+    return InContextPolicy(capacity=capacity, topk=0, eviction="fifo")
+
+
+def test_cli_core_variants_plot_sample_custom(tiny, capsys):
+    out, png = tiny["dir"] / "r.json", tiny["dir"] / "r.png"
+    argv = ["coverage", tiny["eval"], "--tokenizer", tiny["tok"], "--policy", "incontext,custom",
+            "--custom", "test_coverage:make_text_policy", "--capacity", "4", "8", "--core", "0", "2", "4",
+            "--fit", tiny["fit"], "--sample", "5", "--seed", "1", "--json", str(out), "--plot", str(png),
+            "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    labels = [(r["policy"], r["capacity"]) for r in data["results"]]
+    # core 4 cannot leave room at capacity 4: skipped; the custom policy is named after its class.
+    assert labels == [("incontext", 4), ("incontext+core2", 4), ("incontext", 8), ("incontext+core2", 8),
+                      ("incontext+core4", 8), ("InContextPolicy", 4), ("InContextPolicy", 8)]
+    assert data["mode"] == "text-only" and data["subsets"][tiny["eval"]] == sorted(data["subsets"][tiny["eval"]])
+    assert len(data["subsets"][tiny["eval"]]) == 5 and all(r["docs"] == 5 for r in data["results"])
+    assert {"doc_coverage_p10", "doc_coverage_p90", "active_p10", "delta_mean"} <= set(data["results"][0])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    for extra, message in ((["--topk", "3"], "--topk needs --model"),
+                           (["--policy", "custom", "--custom", "microspec.policies:InContextPolicy"],
+                            "run with --model"),
+                           (["--policy", "custom"], "--custom MODULE:CALLABLE")):
+        rc = main(["coverage", tiny["eval"], "--tokenizer", tiny["tok"], "--no-progress", *extra])
+        assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_cli_model_based_on_a_tiny_hf_model(tiny, capsys):
+    """--model DIR: the model's tokenizer, teacher-forced traces, a hidden-state policy; the CLI's number
+    equals a direct `simulate` with the same traces."""
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from microspec.model_coverage import encode_pairs, teacher_forced_traces
+    from microspec.data import load_pairs
+    raw = Tokenizer.from_file(tiny["tok"])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 2, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         eos_token_id=len(WORDS) + 1, attn_implementation="sdpa")).eval()
+    model.save_pretrained(tiny["dir"] / "m")
+    hf_tok.save_pretrained(tiny["dir"] / "m")
+    out = tiny["dir"] / "m.json"
+    assert main(["coverage", tiny["eval"], "--model", str(tiny["dir"] / "m"), "--policy", "incontext,full,custom",
+                 "--custom", "test_model_coverage:HiddenArgmaxPolicy", "--capacity", "6", "--topk", "2",
+                 "--block", "3", "--max-tokens", "12", "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    assert data["mode"] == "model-based" and data["target_topk"] == [2] and data["chat_template"] is False
+    rows = {r["policy"]: r for r in data["results"]}
+    assert set(rows) == {"incontext-top2", "full", "HiddenArgmaxPolicy"} and rows["full"]["coverage"] == 1.0
+    assert all(r["tokens"] == 12 * 12 for r in data["results"])
+    docs = encode_pairs(hf_tok, load_pairs(tiny["eval"]), chat_template=False, max_response_tokens=12)
+    traces = teacher_forced_traces(model, docs, topk=2)
+    direct = simulate(InContextPolicy(6, topk=2), docs, len(WORDS) + 2, [len(WORDS) + 1], block=3, traces=traces)
+    assert rows["incontext-top2"]["coverage"] == direct.coverage
+    text_only = simulate(InContextPolicy(6, topk=0), docs, len(WORDS) + 2, [len(WORDS) + 1], block=3)
+    assert direct.coverage != text_only.coverage                   # the target's top-k did reach the policy

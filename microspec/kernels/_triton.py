@@ -5,6 +5,8 @@ Tests run the Triton kernels on the CPU with TRITON_INTERPRET=1 (set before the 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # pragma: no cover - depends on the platform
@@ -14,6 +16,9 @@ try:  # pragma: no cover - depends on the platform
 except ImportError:  # pragma: no cover
     triton = tl = None
     HAS_TRITON = False
+
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"   # kernels then run in numpy on the CPU
 
 
 def triton_available_for(t: torch.Tensor) -> bool:

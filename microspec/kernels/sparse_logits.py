@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, next_pow2, tl, triton, triton_available_for
+from ._triton import HAS_TRITON, INTERPRETER, next_pow2, tl, triton, triton_available_for
 
 
 def _out_dtype(hidden: Tensor) -> torch.dtype:
@@ -81,7 +81,7 @@ if HAS_TRITON:
         h_ptr, table_ptr, ids_ptr, n_ptr, out_ptr,
         T, C, D,
         stride_hb, stride_ht, stride_table_r, stride_table_row, stride_ids_r, stride_ob, stride_ot,
-        SHARED: tl.constexpr, PACKED: tl.constexpr, USE_DOT: tl.constexpr,
+        SHARED: tl.constexpr, PACKED: tl.constexpr, USE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
         T_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # One program scores BLOCK_C slots of one batch row for all T tokens of that row.
@@ -117,6 +117,8 @@ if HAS_TRITON:
                             other=0.0, eviction_policy="evict_first")
                 h = tl.load(h_ptr + b * stride_hb + ts[:, None] * stride_ht + ds[None, :],
                             mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                if DOT_IN_F32:  # Triton's CPU interpreter mis-computes half-precision dots
+                    h, w = h.to(tl.float32), w.to(tl.float32)
                 acc = tl.dot(h, tl.trans(w), acc)
         else:
             acc = tl.zeros((T_PAD, BLOCK_C), dtype=tl.float32)
@@ -133,14 +135,13 @@ if HAS_TRITON:
                  mask=t_ok[:, None] & (slots < C)[None, :])
 
 
-def default_config(C: int, D: int, T: int) -> dict:
-    """Launch parameters by shape (block sizes, warps, pipeline depth); tuned on an H100, see
-    docs/benchmarks.md. Small BLOCK_C keeps enough programs in flight for a GEMV to reach bandwidth."""
-    t_pad = next_pow2(T)
-    if t_pad == 1:
-        return dict(block_c=16, block_d=256, num_warps=4, num_stages=3)
-    if t_pad >= 16:
+def default_config(C: int, D: int, T: int, use_dot: bool) -> dict:
+    """Launch parameters by shape (block sizes, warps, pipeline depth), from the H100 search recorded in
+    docs/benchmarks.md. One token: few rows per program (many programs in flight), long rows per load."""
+    if use_dot:
         return dict(block_c=32, block_d=128, num_warps=4, num_stages=3)
+    if T == 1:
+        return dict(block_c=4, block_d=512, num_warps=4, num_stages=3)
     return dict(block_c=16, block_d=128, num_warps=4, num_stages=3)
 
 
@@ -159,10 +160,13 @@ def _launch(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: 
     table = table.contiguous() if table.stride(-1) != 1 else table
     n_active = n_active.contiguous()
     active_ids = active_ids.contiguous() if active_ids is not None else None
-    cfg = default_config(C, D, T)
+    # Several tokens in half precision: tensor cores, with the token dim padded to tl.dot's minimum of 16.
+    use_dot = T >= 2 and hidden.dtype in (torch.bfloat16, torch.float16)
+    t_pad = max(next_pow2(T), 16) if use_dot else next_pow2(T)
+    cfg = default_config(C, D, T, use_dot)
     block_c, block_d = block_c or cfg["block_c"], min(block_d or cfg["block_d"], next_pow2(D))
-    t_pad = max(next_pow2(T), 1)
-    use_dot = t_pad >= 16 and hidden.dtype in (torch.bfloat16, torch.float16)   # fp32 stays exact (no tf32)
+    if use_dot:
+        block_c, block_d = max(block_c, 16), max(block_d, 16)
     out = torch.empty((B, T, C), dtype=torch.float32, device=hidden.device)
     ids = active_ids if active_ids is not None else n_active          # unused by the packed kernel
     grid = (B, triton.cdiv(C, block_c))
@@ -172,7 +176,8 @@ def _launch(hidden: Tensor, table: Tensor, active_ids: Tensor | None, n_active: 
         hidden.stride(0), hidden.stride(1),
         table.stride(0) if packed else 0, table.stride(-2), ids.stride(0) if ids.dim() == 2 else 0,
         out.stride(0), out.stride(1),
-        SHARED=shared, PACKED=packed, USE_DOT=use_dot, T_PAD=t_pad, BLOCK_C=block_c, BLOCK_D=block_d,
+        SHARED=shared, PACKED=packed, USE_DOT=use_dot, DOT_IN_F32=INTERPRETER, T_PAD=t_pad,
+        BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out

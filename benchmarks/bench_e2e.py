@@ -1,0 +1,176 @@
+"""End-to-end decode throughput at real shapes (random weights), tokens/s after start-up:
+
+  hf-eager     Hugging Face `generate` (context only: Python- and launch-bound)
+  plain        plain greedy target decoding, static cache, CUDA graph (`microspec.baseline.PlainDecoder`)
+  spec:<pol>   `SpecDecoder` (whole step in one CUDA graph) with policy <pol>; `spec:dense` is the usual
+               dense-head speculative decoding
+
+Random weights accept nothing, so the number of drafts accepted per verification is **imposed**: either by
+construction (`--acceptance fixed:N`, every policy accepts N of K) or replayed from traces recorded on real
+models (`--acceptance FILE.json`: per policy, the sequence of accepted counts of a real run; each batch row
+starts at a different offset). The target's verification forward, argmax and every other cost stay real;
+only the comparison "draft == target's token" is replaced.
+
+    python benchmarks/bench_e2e.py --acceptance fixed:3
+    python benchmarks/bench_e2e.py --acceptance benchmarks/results/acceptance_qwen_coder.json
+    python benchmarks/bench_e2e.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, save  # noqa: E402
+from benchmarks.shapes import PAIRS, build  # noqa: E402
+from microspec import SpecDecoder  # noqa: E402
+from microspec.baseline import PlainDecoder  # noqa: E402
+from microspec.engine import DecodeRun  # noqa: E402
+from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy  # noqa: E402
+from microspec.sampling import SamplingConfig, Verdict  # noqa: E402
+
+K = 5
+
+
+class ReplayRun(DecodeRun):
+    """A decode run whose acceptance follows a trace: row b at step t accepts trace[(t + offset_b) % T]."""
+
+    def __init__(self, *args, trace: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trace = trace.to(self.device).clamp(0, self.K)
+        self.offsets = torch.arange(self.B, device=self.device) * (len(trace) // max(self.B, 1))
+        self.t = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def _verify(self, draft, valid, q_rows, slots, ids, t_logits) -> Verdict:
+        best = t_logits.argmax(-1)                                          # the real verification cost
+        n_acc = self.trace[(self.t + self.offsets) % len(self.trace)]
+        self.t += 1
+        padded = torch.cat([draft, best[:, -1:]], 1)
+        tokens = torch.where(self.steps_k < n_acc.unsqueeze(1), padded, best)
+        return Verdict(n_acc, tokens)
+
+
+def make_policy(label: str, vocab: int):
+    if label == "dense":
+        return FullVocab()
+    kind, C = label.split("@")
+    if kind == "static":
+        return StaticFrequencyPolicy(torch.randperm(vocab, generator=torch.Generator().manual_seed(1)), int(C))
+    return InContextPolicy(int(C), topk=3)
+
+
+def prompts(B, L, vocab, device):
+    ids = torch.randint(3, vocab, (B, L), generator=torch.Generator().manual_seed(0)).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def spec_tok_s(target, drafter, label, B, L, new, trace) -> dict:
+    dec = SpecDecoder(target, drafter, make_policy(label, drafter.config.vocab_size), K)
+    ids, mask = prompts(B, L, target.config.vocab_size, next(target.parameters()).device)
+    run = ReplayRun(dec, ids, mask.bool(), new, SamplingConfig(), [], None, cuda_graph=True, trace=trace)
+    run.start()
+    if torch.cuda.is_available():
+        run._capture()
+        torch.cuda.synchronize()
+    done0, steps0 = int(run.generated.sum()), run.num_steps
+    t0 = time.perf_counter()
+    run.run_steps()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    seconds = time.perf_counter() - t0
+    tokens = int(run.generated.sum()) - done0
+    stats = run._stats()
+    return dict(tok_s=tokens / seconds, tokens=tokens, seconds=seconds, steps=run.num_steps - steps0,
+                mean_accepted_length=stats.mean_accepted_length, mean_active=stats.mean_active_size)
+
+
+def plain_tok_s(target, B, L, new) -> dict:
+    ids, mask = prompts(B, L, target.config.vocab_size, next(target.parameters()).device)
+    dec = PlainDecoder(target)
+    t0 = time.perf_counter()
+    dec.generate(ids, mask, max_new_tokens=new, eos_token_id=[])
+    if dec.steady_state is None:
+        return dict(tok_s=B * new / (time.perf_counter() - t0))
+    tokens, seconds = dec.steady_state
+    return dict(tok_s=tokens / seconds, tokens=tokens, seconds=seconds)
+
+
+def hf_eager_tok_s(target, L, new) -> dict:
+    ids, mask = prompts(1, L, target.config.vocab_size, next(target.parameters()).device)
+    target.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    t0 = time.perf_counter()
+    target.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                    eos_token_id=None)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    return dict(tok_s=new / (time.perf_counter() - t0))
+
+
+def load_traces(spec: str) -> tuple[dict, str]:
+    if spec.startswith("fixed:"):
+        n = int(spec.split(":")[1])
+        return ({}, f"by construction: every policy accepts {n} of K={K} drafts per step"), n
+    data = json.loads(Path(spec).read_text())
+    return (data["traces"], f"replayed from {Path(spec).name}: {data['source']}"), None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--acceptance", default="fixed:3", help="fixed:N or a trace JSON file")
+    ap.add_argument("--policies", default="dense,static@32768,static@3072,incontext@3072")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    (traces, source), fixed = load_traces(args.acceptance)
+    print(f"acceptance {source}", flush=True)
+    pairs = {"tiny-llama": PAIRS["tiny-llama"]} if args.smoke else {t: d for t, d in PAIRS.items() if "tiny" not in t}
+    L, new = (16, 24) if args.smoke else (args.prompt_len, args.new_tokens)
+    rows = []
+    with torch.inference_mode():
+        for target_name, drafters in pairs.items():
+            target = build(target_name, device, torch.float32 if args.smoke else torch.bfloat16)
+            for B in map(int, args.batch.split(",")):
+                r = plain_tok_s(target, B, L, new)
+                rows.append(dict(target=target_name, drafter=None, batch=B, method="plain", **r))
+                print(f"{target_name:11s} B={B} plain (CUDA graph)       {r['tok_s']:9.1f} tok/s", flush=True)
+                if B == 1:
+                    r = hf_eager_tok_s(target, L, min(new, 64))
+                    rows.append(dict(target=target_name, drafter=None, batch=1, method="hf-eager", **r))
+                    print(f"{target_name:11s} B=1 hf-eager (context)     {r['tok_s']:9.1f} tok/s", flush=True)
+            for drafter_name in drafters:
+                drafter = build(drafter_name, device, torch.float32 if args.smoke else torch.bfloat16, seed=1)
+                for B in map(int, args.batch.split(",")):
+                    for label in args.policies.split(","):
+                        key = label if label in traces else ("full" if label == "dense" else label)
+                        if fixed is not None:
+                            trace = torch.full((64,), fixed)
+                        elif key in traces:
+                            trace = torch.tensor(traces[key])
+                        else:
+                            print(f"  no trace for {label}: skipped", flush=True)
+                            continue
+                        r = spec_tok_s(target, drafter, label, B, L, new, trace)
+                        rows.append(dict(target=target_name, drafter=drafter_name, batch=B, method=f"spec:{label}",
+                                         **r))
+                        print(f"{target_name:11s} B={B} {drafter_name:15s} spec:{label:15s} {r['tok_s']:9.1f} tok/s"
+                              f"  tau {r['mean_accepted_length']:.2f}  active {r['mean_active']:.0f}", flush=True)
+                del drafter
+            del target
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if not args.smoke:
+        payload = dict(env=environment(), K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
+                       command=" ".join(sys.argv))
+        print(f"wrote {save('e2e', payload, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

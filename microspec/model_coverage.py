@@ -1,0 +1,209 @@
+"""Model-based coverage: what a policy covers when it gets the target's top-k ids and hidden states.
+
+Why: text-only replay (`microspec.coverage`) starves the policies that read the target: NanoSpec's in-context
+set is built mostly from the target's top-3 predictions, and learned policies (`wants_hidden`, e.g. a
+DynaSpec-style ClusterPolicy) route on the target's final hidden state. Those inputs exist only with a model.
+
+Method (teacher forcing): each (prompt, response) pair is tokenized with the model's own tokenizer (the chat
+template applied to the prompt, optionally), and the target runs once over prompt + response through the
+decoder's own model path (`microspec.hf.CausalLM`, chunked prefill with a per-row static cache). At every
+position we keep the target's top-k next-token ids and, when a policy wants it, its final hidden state
+(the input of its LM head, taken by a forward pre-hook on `get_output_embeddings()`). `coverage.simulate`
+then feeds them to the policy hooks exactly as `SpecDecoder` would (see `microspec.coverage`).
+
+The assumption: this is the coverage a greedy decoder would see *if the target had produced the reference
+responses*. Real greedy output is the target's argmax, so there the committed token is always the target's
+top-1 at its position; with reference text from another model it often is not, and the top-k ids added per
+verified position (NanoSpec's "Ext") are the target's guesses, not the reference tokens. Blocks are committed
+in full (K + 1 tokens), the least frequent refresh.
+
+    >>> traces = teacher_forced_traces(model, docs, topk=3, hidden=True)        # doctest: +SKIP
+    >>> simulate(InContextPolicy(2048, topk=3), docs, V, eos_ids=[2], traces=traces).coverage  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from torch import nn
+
+from .coverage import TargetTrace
+from .data import Tokenizer
+from .hf import CausalLM, vocab_size_of
+
+
+def hf_tokenizer(tokenizer, vocab_size: int, eos_ids, name: str = "model") -> Tokenizer:
+    """Wrap a Hugging Face tokenizer (e.g. the one `load_gguf` returns) as a `microspec.data.Tokenizer`
+    (no special tokens added), so the coverage command can fit frequency lists with it."""
+    def encode_batch(texts):
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    return Tokenizer(name, "hf", vocab_size, sorted(set(int(e) for e in eos_ids)), encode_batch,
+                     lambda ids: tokenizer.decode(ids))
+
+
+def model_eos_ids(model: nn.Module, tokenizer=None) -> list[int]:
+    """End ids the decoder would stop at: the generation config's eos ids, plus the tokenizer's."""
+    ids = []
+    for src in (getattr(model, "generation_config", None), model.config):
+        value = getattr(src, "eos_token_id", None)
+        if value is not None:
+            ids += value if isinstance(value, (list, tuple)) else [value]
+            break
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(int(i) for i in ids))
+
+
+def encode_pairs(tokenizer, pairs, chat_template: bool = True, max_prompt_tokens: int | None = None,
+                 max_response_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt, response) texts -> (prompt ids, response ids) with a Hugging Face tokenizer.
+
+    The prompt becomes one user turn of the chat template plus the assistant header when `chat_template`
+    (and the tokenizer has one), else the raw text; an empty raw prompt becomes the BOS/EOS id so the target
+    has a position to predict token 0 from. The response is encoded on its own, without special tokens.
+    Prompts keep their *last* `max_prompt_tokens` ids, responses their first `max_response_tokens`.
+    """
+    use_template = chat_template and getattr(tokenizer, "chat_template", None)
+    out = []
+    for prompt, response in pairs:
+        if use_template:
+            p = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                              add_generation_prompt=True)
+            p = list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p)
+        else:
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            if not p:
+                p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if max_prompt_tokens:
+            p = p[-max_prompt_tokens:]
+        if max_response_tokens:
+            r = r[:max_response_tokens]
+        out.append((list(p), list(r)))
+    return out
+
+
+def sample_indices(n: int, k: int | None, seed: int = 0) -> list[int]:
+    """k document indices of n drawn without replacement (sorted), or all of them when k is None or >= n."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+@torch.no_grad()
+def teacher_forced_traces(model: nn.Module, docs, topk: int = 3, hidden: bool = False, vocab_size=None,
+                          batch_tokens: int = 4096, chunk: int = 256, progress=None) -> list[TargetTrace]:
+    """Run the target over each prompt + response once and keep what the policy hooks need.
+
+    Args:
+        model:        a Hugging Face causal LM (attention "sdpa" or "eager"); any dtype, on any device.
+        docs:         (prompt ids, response ids) pairs; prompts must be non-empty.
+        topk:         top-k ids kept per position (over ids < vocab_size: the policy's vocabulary).
+        hidden:       also keep the final hidden state at every position (float32 [N, D] per document).
+        vocab_size:   the shared vocabulary (default: the model's head rows).
+        batch_tokens: documents are batched (sorted by length) so that rows x longest length <= this.
+        chunk:        positions per forward (bounds the [B, chunk, V] logits, as the decoder's prefill).
+        progress:     optional object with `update(n_tokens)`.
+    Returns:
+        one `TargetTrace` per document, in input order: topk int64 [N, topk], hidden float32 [N, D] or None.
+    """
+    V = vocab_size or vocab_size_of(model)
+    seqs = [torch.as_tensor(list(p) + list(r), dtype=torch.long) for p, r in docs]
+    for i, (p, _) in enumerate(docs):
+        if len(p) == 0:
+            raise ValueError(f"document {i}: empty prompt (the target needs a position to predict token 0)")
+    lm = CausalLM(model)
+    lm.capture_hidden(hidden)
+    dev = lm.device
+    out: list[TargetTrace | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].numel())
+    batches, rows, longest = [], [], 0
+    for i in order:                                  # greedy: rows x longest length <= batch_tokens
+        n = seqs[i].numel()
+        if rows and (len(rows) + 1) * max(longest, n) > batch_tokens:
+            batches.append(rows)
+            rows, longest = [], 0
+        rows.append(i)
+        longest = max(longest, n)
+    batches += [rows] if rows else []
+    try:
+        for rows in batches:
+            _trace_batch(lm, [seqs[i] for i in rows], rows, out, topk, hidden, V, chunk, dev)
+            if progress is not None:
+                progress.update(sum(seqs[i].numel() for i in rows))
+    finally:
+        lm.capture_hidden(False)
+    return out
+
+
+def _trace_batch(lm: CausalLM, seqs, rows, out, k: int, hidden: bool, V: int, chunk: int, dev) -> None:
+    """Forward one right-padded batch in position chunks; store each row's top-k (and hidden) in `out`."""
+    B, N = len(seqs), max(s.numel() for s in seqs)
+    tokens = torch.zeros(B, N, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tokens[r, : s.numel()] = s
+    tokens = tokens.to(dev)
+    lm.allocate(B, N)
+    tops, hids = [], []
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        pos = torch.arange(c0, c1, device=dev).expand(B, -1)                            # [B, t]
+        logits = lm(tokens[:, c0:c1], pos)                                              # [B, t, V']
+        tops.append(torch.topk(logits[..., :V].float(), k, dim=-1).indices.cpu() if k else None)
+        if hidden:
+            hids.append(lm.hidden.float().cpu())                                        # [B, t, D]
+    top = torch.cat(tops, 1) if k else torch.zeros(B, N, 0, dtype=torch.long)         # [B, N, k]
+    hid = torch.cat(hids, 1) if hidden else None                                        # [B, N, D]
+    for r, (i, s) in enumerate(zip(rows, seqs)):
+        n = s.numel()   # padding sits after the real tokens: causality keeps it out of their states
+        out[i] = TargetTrace(top[r, :n].clone(), hid[r, :n].clone() if hidden else None)
+
+
+def traces_for(model, docs, policies, progress=None, **kw) -> tuple[list[TargetTrace], float]:
+    """Traces with the largest top-k any of `policies` wants and hidden states if one wants them; seconds."""
+    k = max((p.target_topk for p in policies), default=0)
+    want_hidden = any(p.wants_hidden for p in policies)
+    t0 = time.perf_counter()
+    traces = teacher_forced_traces(model, docs, topk=k, hidden=want_hidden, progress=progress, **kw)
+    return traces, time.perf_counter() - t0
+
+
+def cached_traces(cache_dir, model, model_name: str, dtype: str, docs, k: int, hidden: bool, vocab_size,
+                  progress=None) -> list[TargetTrace]:
+    """`teacher_forced_traces` through a folder of safetensors files keyed by model, dtype and the exact
+    token ids. A cached file with >= k top ids (and hidden states, if wanted) is reused; a miss computes
+    top-max(k, 3) with hidden states, so later runs of hidden-state policies hit the cache too."""
+    import glob
+    import hashlib
+    import json
+    import os
+    base = hashlib.sha256(json.dumps([model_name, dtype, [[list(p), list(r)] for p, r in docs]]).encode())
+    base = os.path.join(cache_dir, base.hexdigest()[:24])
+    for path in sorted(glob.glob(base + "_k*_h*.safetensors")):
+        kk, hh = path[len(base) + 2: -len(".safetensors")].split("_h")
+        if int(kk) >= k and int(hh) >= int(hidden):
+            return load_traces(path)
+    k = max(k, 3)
+    traces = teacher_forced_traces(model, docs, k, True, vocab_size, progress=progress)
+    os.makedirs(cache_dir, exist_ok=True)
+    save_traces(traces, f"{base}_k{k}_h1.safetensors")
+    return traces
+
+
+def save_traces(traces: list[TargetTrace], path) -> None:
+    """Traces as one safetensors file: topk int64 [sum N, k], offsets int64 [D + 1], hidden float32 [sum N, D]."""
+    from safetensors.torch import save_file
+    offsets = torch.tensor([0] + [t.topk.shape[0] for t in traces]).cumsum(0)
+    tensors = {"topk": torch.cat([t.topk for t in traces]).contiguous(), "offsets": offsets}
+    if traces and traces[0].hidden is not None:
+        tensors["hidden"] = torch.cat([t.hidden for t in traces]).contiguous()
+    save_file(tensors, str(path))
+
+
+def load_traces(path) -> list[TargetTrace]:
+    from safetensors.torch import load_file
+    t = load_file(str(path))
+    o = t["offsets"].tolist()
+    hid = t.get("hidden")
+    return [TargetTrace(t["topk"][a:b], None if hid is None else hid[a:b]) for a, b in zip(o, o[1:])]

@@ -1,0 +1,208 @@
+"""`ClusterPolicy`: the contract, the set it builds (against a plain-Python reference), slot stability,
+persistence, and lossless greedy decoding on tiny models with a policy fitted on random data."""
+import pytest
+import torch
+
+from microspec import SpecDecoder
+from microspec.clustering import fit_cluster_policy, token_features
+from microspec.policies.cluster import ClusterPolicy, MetaClassifier, pad_table
+from microspec.testing import PolicyContract, no_host_sync
+from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
+
+
+def random_policy(vocab_size=97, k=9, hidden_size=16, capacity=16, core=(40, 41, 2), hidden_units=8,
+                  size_penalty=0.0, seed=0, unclustered=()):
+    """A policy over a random partition of the vocabulary (minus `unclustered`) with a random classifier."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([i for i in range(vocab_size) if i not in set(unclustered)])
+    labels = torch.randint(k, (ids.numel(),), generator=g)
+    order = torch.argsort(labels, stable=True)
+    table = pad_table(ids[order], torch.bincount(labels, minlength=k))
+    torch.manual_seed(seed)
+    return ClusterPolicy(table, MetaClassifier(hidden_size, k, hidden_units), capacity, core_ids=core,
+                         size_penalty=size_penalty)
+
+
+def tiny_cluster_policy(model, capacity, num_clusters=12, core_size=4, seed=0):
+    """A ClusterPolicy for a tiny HF model, fitted on random hidden states and windows of the right shapes."""
+    g = torch.Generator().manual_seed(seed)
+    V, D = model.config.vocab_size, model.config.hidden_size
+    hidden = torch.randn(400, D, generator=g)
+    windows = torch.randint(0, V, (400, 6), generator=g)
+    return fit_cluster_policy(token_features(model), hidden, windows, num_clusters=num_clusters,
+                              capacity=capacity, special_ids=[EOS], core_size=core_size, epochs=1, seed=seed)
+
+
+class TestClusterPolicy(PolicyContract):
+    def make_policy(self):
+        return random_policy()
+
+
+class TestClusterPolicyLinearNoCore(PolicyContract):
+    def make_policy(self):
+        return random_policy(core=None, hidden_units=0, capacity=30, size_penalty=0.5)
+
+
+class TestClusterPolicyRoomy(PolicyContract):
+    def make_policy(self):
+        return random_policy(capacity=self.vocab_size + 5, unclustered=range(60, 70))
+
+
+class TestClusterPolicyCapacityOne(PolicyContract):
+    special_ids = (2,)
+
+    def make_policy(self):
+        return random_policy(capacity=1)
+
+
+def reference_set(policy, scores_row, special):
+    """specials, core, then whole clusters in score order, the last one cut to its first members."""
+    out = list(dict.fromkeys(special + [c for c in policy.core_ids.tolist() if c not in special]))
+    out = out[: policy.capacity]
+    table = pad_table(policy.members, policy.sizes)
+    for c in torch.argsort(scores_row, descending=True, stable=True).tolist():
+        for t in table[c].tolist():
+            if t >= 0 and t not in out and len(out) < policy.capacity:
+                out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("capacity,penalty", [(5, 0.0), (16, 0.0), (40, 1.0), (120, 0.0)])
+def test_set_is_specials_core_and_best_clusters(capacity, penalty):
+    policy = random_policy(capacity=capacity, size_penalty=penalty)
+    policy.setup(3, 97, [2, 5], "cpu")
+    hidden = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    policy.on_prefill(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.bool), hidden=hidden)
+    ids, n = policy.active()
+    scores = policy.scores(hidden)
+    short = policy.shortlist(hidden)
+    for r in range(3):
+        expect = reference_set(policy, scores[r], [2, 5])
+        assert n[r] == len(expect) == min(capacity, 97)
+        assert sorted(ids[r, : n[r]].tolist()) == sorted(expect)
+        assert short[r].tolist() == expect                      # shortlist: pinned, then best cluster first
+
+
+def test_without_hidden_the_prior_ranking_holds():
+    policy = random_policy(capacity=30)
+    policy.setup(2, 97, [2], "cpu")
+    before = policy.active()[0].clone()
+    policy.on_commit(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), hidden=None)
+    assert torch.equal(policy.active()[0], before)
+    assert sorted(before[0, : 30].tolist()) == sorted(reference_set(policy, policy.prior, [2]))
+
+
+def test_ids_that_stay_keep_their_slot():
+    policy = random_policy(capacity=40, k=20)
+    policy.setup(4, 97, [2, 5], "cpu")
+    g = torch.Generator().manual_seed(3)
+    prev = policy.active()[0].clone()
+    moved_total = changed_total = 0
+    for _ in range(6):
+        policy.on_commit(torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.bool),
+                         hidden=torch.randn(4, 16, generator=g))
+        cur = policy.active()[0]
+        for r in range(4):
+            common = set(prev[r].tolist()) & set(cur[r].tolist())
+            slot_prev = {t: s for s, t in enumerate(prev[r].tolist())}
+            slot_cur = {t: s for s, t in enumerate(cur[r].tolist())}
+            moved_total += sum(slot_prev[t] != slot_cur[t] for t in common if t >= 0)
+            changed_total += len(set(cur[r].tolist()) - set(prev[r].tolist()))
+        prev = cur.clone()
+    assert moved_total == 0 and changed_total > 0
+
+
+def test_nan_hidden_still_gives_a_valid_set():
+    policy = random_policy(capacity=30)
+    policy.setup(2, 97, [2, 5], "cpu")
+    hidden = torch.full((2, 16), float("nan"))
+    with no_host_sync():
+        policy.on_commit(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), hidden=hidden)
+    ids, n = policy.active()
+    for r in range(2):
+        live = ids[r, : n[r]].tolist()
+        assert len(set(live)) == len(live) == 30 and 2 in live and 5 in live
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="disjoint"):
+        ClusterPolicy(torch.tensor([[1, 2], [2, -1]]), MetaClassifier(4, 2), 4)
+    with pytest.raises(ValueError, match="scores"):
+        ClusterPolicy(torch.tensor([[1, 2], [3, -1]]), MetaClassifier(4, 3), 4)
+    policy = random_policy()
+    with pytest.raises(ValueError, match="vocab_size"):
+        policy.setup(1, 50, [2], "cpu")                              # table ids up to 96
+    policy.setup(1, 97, [2], "cpu")
+    with pytest.raises(ValueError, match="width"):
+        policy.on_commit(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                         hidden=torch.randn(1, 15))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    policy = random_policy(capacity=25, size_penalty=0.3)
+    policy.metadata.update(model="tiny", corpora="a,b")
+    path = tmp_path / "c.safetensors"
+    policy.save(path)
+    loaded = ClusterPolicy.load(path, capacity=25)
+    assert loaded.metadata["model"] == "tiny" and loaded.size_penalty == 0.3
+    assert torch.equal(loaded.members, policy.members) and torch.equal(loaded.core_ids, policy.core_ids)
+    hidden = torch.randn(3, 16)
+    for p in (policy, loaded):
+        p.setup(3, 97, [2], "cpu")
+    assert torch.equal(policy.shortlist(hidden), loaded.shortlist(hidden))
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == "microspec.cluster_policy" and "members" in f.keys()
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ClusterPolicy.load(tmp_path / "nope.safetensors", capacity=8)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError):
+        ClusterPolicy.load(junk, capacity=8)
+    from safetensors.torch import save_file
+    other = tmp_path / "map.safetensors"
+    save_file({"token_ids": torch.arange(5)}, str(other))
+    with pytest.raises(ValueError, match="not a ClusterPolicy"):
+        ClusterPolicy.load(other, capacity=8)
+
+
+def _prompts(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, 9), generator=g)
+    lengths = torch.randint(1, 10, (batch,), generator=g)
+    lengths[0] = 9
+    mask = (torch.arange(9) >= (9 - lengths).unsqueeze(1)).long()
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+class _Counting(ClusterPolicy):
+    def _update(self, hidden):
+        self.updates = getattr(self, "updates", 0) + 1
+        super()._update(hidden)
+
+
+@pytest.mark.parametrize("family,drafter,capacity,K,batch,early_eos", [
+    ("llama", "noisy", 40, 4, 4, True), ("qwen2", "same", 20, 5, 4, False), ("mistral", "noisy", 7, 3, 1, False),
+    ("gemma", "same", VOCAB, 2, 4, True), ("llama", "same", 1, 3, 4, False)])
+def test_greedy_decoding_with_cluster_policy_equals_target(family, drafter, capacity, K, batch, early_eos):
+    target = tiny_model(family, seed=0)
+    draft = target if drafter == "same" else noisy_copy(target, 0.5)
+    ids, mask = _prompts(batch, seed=K)
+    eos = [EOS]
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=eos,
+                                pad_token_id=PAD)
+    if early_eos:  # a token the target really emits, so rows stop mid-way
+        eos = [int(expected[0, -15])]
+        expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30,
+                                   eos_token_id=eos, pad_token_id=PAD)
+    fitted = tiny_cluster_policy(target, capacity)
+    policy = _Counting(pad_table(fitted.members, fitted.sizes), fitted.classifier, capacity,
+                       core_ids=fitted.core_ids, prior=fitted.prior)
+    out = SpecDecoder(target, draft, policy, K).generate(ids, attention_mask=mask, max_new_tokens=30,
+                                                         eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.mean_active_size <= capacity
+    assert policy.updates >= out.stats.num_verify_steps            # the classifier saw every hidden state

@@ -1,0 +1,168 @@
+"""`microspec.clustering`: torch k-means against scikit-learn, cluster tables, training data, classifier.
+
+scikit-learn's `KMeans(algorithm="lloyd")` is the oracle: from the same initial centroids our Lloyd loop must
+reach the same labels, inertia and iteration count (float64, so no near-tie decides differently); from its
+own k-means++ seeding our inertia must be no worse than scikit-learn's by more than a small margin.
+"""
+import pytest
+import torch
+
+from microspec.clustering import (assign, cluster_table, collect_states, fit_cluster_policy, kmeans,
+                                  kmeans_plusplus, train_classifier, window_recall, window_targets)
+from tiny_models import tiny_model
+
+sklearn_cluster = pytest.importorskip("sklearn.cluster")
+
+
+def blobs(n=1200, d=6, centers=15, spread=1.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(centers, d, generator=g, dtype=dtype) * 4
+    return mu[torch.randint(centers, (n,), generator=g)] + spread * torch.randn(n, d, generator=g, dtype=dtype)
+
+
+def sklearn_fit(x, k, init, **kw):
+    return sklearn_cluster.KMeans(k, init=init.numpy(), n_init=1, algorithm="lloyd", **kw).fit(x.numpy())
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 500])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lloyd_matches_sklearn_from_the_same_init(chunk, seed):
+    x = blobs(seed=seed, spread=2.0)                       # overlapping blobs: many iterations
+    k = 12
+    init = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k]]
+    ours = kmeans(x, k, init=init, chunk=chunk)
+    ref = sklearn_fit(x, k, init)
+    assert ours.n_iter == ref.n_iter_ and ours.n_iter > 2
+    assert torch.equal(ours.labels, torch.from_numpy(ref.labels_).long())
+    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-9)
+    assert torch.allclose(ours.centroids, torch.from_numpy(ref.cluster_centers_), atol=1e-8)
+
+
+def test_tolerance_stop_matches_sklearn():
+    x = blobs(n=2000, spread=3.0, seed=3)
+    init = x[:20]
+    ours = kmeans(x, 20, init=init, tol=1e-2)
+    ref = sklearn_fit(x, 20, init, tol=1e-2)
+    assert ours.n_iter == ref.n_iter_
+    assert torch.equal(ours.labels, torch.from_numpy(ref.labels_).long())
+
+
+def test_empty_cluster_is_reseeded_like_sklearn():
+    x = blobs(n=600, seed=4)
+    init = torch.cat([x[:5], x[:1]])                       # a duplicate centroid: cluster 5 starts empty
+    ours = kmeans(x, 6, init=init)
+    ref = sklearn_fit(x, 6, init)
+    assert torch.bincount(ours.labels, minlength=6).min() > 0
+    assert torch.equal(ours.labels, torch.from_numpy(ref.labels_).long())
+    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-9)
+
+
+def test_kmeans_plusplus_is_as_good_as_sklearns():
+    ours, theirs = [], []
+    for seed in range(4):
+        x = blobs(n=1500, d=8, centers=30, spread=1.5, seed=seed)
+        ours.append(kmeans(x, 30, seed=seed).inertia)
+        theirs.append(sklearn_cluster.KMeans(30, n_init=1, random_state=seed).fit(x.numpy()).inertia_)
+    assert sum(ours) <= 1.03 * sum(theirs), (ours, theirs)
+
+
+def test_kmeans_plusplus_is_seeded_and_picks_data_points():
+    x = blobs(n=300)
+    a = kmeans_plusplus(x, 10, torch.Generator().manual_seed(5))
+    b = kmeans_plusplus(x, 10, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert ((a.unsqueeze(1) == x.unsqueeze(0)).all(-1).any(1)).all()     # every centre is a data point
+    assert len({tuple(r.tolist()) for r in a}) == 10
+
+
+def test_assign_is_chunk_independent_and_exact():
+    x, c = blobs(n=257, d=5, seed=6), blobs(n=9, d=5, seed=7)
+    labels, dist = assign(x, c, chunk=10)
+    brute = ((x.unsqueeze(1) - c.unsqueeze(0)) ** 2).sum(-1)                   # [N, k]
+    assert torch.equal(labels, brute.argmin(1))
+    assert torch.allclose(dist, brute.min(1).values)
+
+
+@pytest.mark.gpu
+def test_kmeans_on_cuda_matches_cpu():
+    x = blobs(n=3000, d=16, centers=40, spread=1.5, seed=8)
+    cpu, gpu = kmeans(x, 40, seed=2), kmeans(x.cuda(), 40, seed=2, chunk=100)
+    assert torch.equal(cpu.labels, gpu.labels.cpu())
+    assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-9)
+
+
+def test_bad_kmeans_inputs():
+    x = blobs(n=10)
+    for bad in (lambda: kmeans(x, 0), lambda: kmeans(x, 11), lambda: kmeans(x.long(), 2),
+                lambda: kmeans(x, 3, init=x[:2])):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_cluster_table_orders_members_by_frequency():
+    labels = torch.tensor([1, 0, 1, 1, 2, 0])
+    ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    counts = torch.zeros(20)
+    counts[[10, 12, 13, 11, 15]] = torch.tensor([1.0, 5.0, 5.0, 2.0, 3.0])
+    table, sizes = cluster_table(labels, 4, ids=ids, counts=counts)
+    assert sizes.tolist() == [2, 3, 1, 0]
+    assert table.tolist() == [[15, 11, -1], [12, 13, 10], [14, -1, -1], [-1, -1, -1]]
+
+
+def test_window_targets_and_recall():
+    cluster_of = torch.tensor([-1, 0, 0, 1, 2, -1])
+    windows = torch.tensor([[1, 3, -1], [5, 0, 4]])
+    assert window_targets(windows, cluster_of, 3).tolist() == [[1, 1, 0], [0, 0, 1]]
+    sets = torch.tensor([[1, 2, -1], [4, 5, 0]])
+    assert window_recall(sets, windows) == (1 + 3, 2 + 3)
+
+
+class _ByteTokenizer:
+    """Characters -> ids 3 + (ord % 100); no chat template (the prompt is used raw)."""
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + ord(c) % 100 for c in text]
+
+
+def test_collect_states_gives_the_lm_head_input_and_the_next_tokens():
+    model = tiny_model("llama", vocab_size=131)
+    pairs = [("ab", "hello"), ("xyz", "no"), ("", "qrstuvw")]
+    h, w = collect_states(model, _ByteTokenizer(), pairs, positions=100, window=3, eos_id=2, batch_tokens=16)
+    tok = _ByteTokenizer()
+    # one sample per response token (+ EOS): 6 + 3 + 8 minus the empty prompt's first position
+    assert h.shape == (6 + 3 + 7, 32) and w.shape == (16, 3)
+    assert w[0].tolist() == tok.encode("hel") and w[5].tolist() == [2, -1, -1]
+    ids = torch.tensor([tok.encode("ab" + "hello") + [2]])
+    logits = model(ids).logits[0]                                     # [L, V]
+    head = model.get_output_embeddings().weight
+    assert torch.allclose((h[:6].double() @ head.T), logits[1:7].float().double(), atol=1e-4)
+    h2, _ = collect_states(model, tok, pairs, positions=4, window=3, eos_id=2)
+    assert h2.shape[0] == 4 and torch.allclose(h2, h[:4], atol=1e-5)
+
+
+def test_classifier_learns_a_separable_routing_task():
+    """Context i (a noisy prototype) is always followed by tokens of cluster i % k: top-1 recall ~ 1."""
+    g = torch.Generator().manual_seed(0)
+    k, D, N = 8, 16, 2000
+    proto = torch.randn(k, D, generator=g) * 3
+    ctx = torch.randint(k, (N,), generator=g)
+    hidden = proto[ctx] + torch.randn(N, D, generator=g)
+    cluster_of = torch.arange(40) % k
+    windows = (ctx.unsqueeze(1) + k * torch.randint(5, (N, 3), generator=g))          # ids of cluster ctx
+    clf = train_classifier(hidden, windows, cluster_of, k, epochs=4, hidden_units=0)
+    acc = (clf(hidden).argmax(1) == ctx).float().mean()
+    assert acc > 0.95, acc
+
+
+def test_fit_cluster_policy_partitions_the_fitted_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    V, D = 60, 8
+    windows = torch.randint(0, 50, (300, 4), generator=g)              # ids 50..59 never seen
+    policy = fit_cluster_policy(torch.randn(V, 5, generator=g), torch.randn(300, D, generator=g), windows,
+                                num_clusters=7, capacity=20, special_ids=[2], core_size=5, epochs=1)
+    members = policy.members.tolist()
+    assert len(members) == len(set(members)) == 50 - 5 - 1             # seen ids minus core minus EOS
+    assert max(members) < 50 and 2 not in members
+    assert not set(policy.core_ids.tolist()) & set(members) and policy.core_ids.numel() == 5
+    assert policy.num_clusters == 7 and policy.hidden_size == D
