@@ -136,12 +136,15 @@ if HAS_TRITON:
 
 
 def default_config(C: int, D: int, T: int, use_dot: bool) -> dict:
-    """Launch parameters by shape (block sizes, warps, pipeline depth), from the H100 search recorded in
-    docs/benchmarks.md. One token: few rows per program (many programs in flight), long rows per load."""
+    """Launch parameters by shape, from the H100 search in docs/benchmarks.md (graph replay, inputs beyond
+    L2). One token: two rows per program and 1024-wide loads keep ~1.5k programs in flight, which a GEMV
+    needs to reach bandwidth; several tokens: tensor-core tiles, wider in C for large sets."""
     if use_dot:
-        return dict(block_c=32, block_d=128, num_warps=4, num_stages=3)
+        if C > 8192:
+            return dict(block_c=64, block_d=128, num_warps=4, num_stages=3)
+        return dict(block_c=32, block_d=256, num_warps=4, num_stages=4)
     if T == 1:
-        return dict(block_c=4, block_d=512, num_warps=4, num_stages=3)
+        return dict(block_c=2, block_d=1024, num_warps=4, num_stages=3)
     return dict(block_c=16, block_d=128, num_warps=4, num_stages=3)
 
 
