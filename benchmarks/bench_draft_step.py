@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, save, time_us  # noqa: E402
@@ -27,11 +28,11 @@ from microspec.sampling import SamplingConfig  # noqa: E402
 K = 5
 
 
-def filled_run(drafter, policy, B: int, prompt_len: int, async_gather: bool = True):
+def filled_run(drafter, policy, B: int, prompt_len: int, async_gather: bool = True, compile: bool = False):
     """A started DecodeRun whose active set is full (n_active = capacity) for per-request policies."""
     dev = next(drafter.parameters()).device
     V = drafter.config.vocab_size
-    dec = SpecDecoder(drafter, drafter, policy, K, async_gather=async_gather, cuda_graph=False)
+    dec = SpecDecoder(drafter, drafter, policy, K, async_gather=async_gather, cuda_graph=False, compile=compile)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, V, (B, prompt_len), generator=g).to(dev)
     run = DecodeRun(dec, ids, torch.ones_like(ids, dtype=torch.bool), 64, SamplingConfig(), [], None)
@@ -72,32 +73,34 @@ def draft_step_us(dec, run, refresh: bool = True, delta: int = 0) -> float:
     return time_us(step, graph=True)
 
 
-def policies(vocab: int, capacities, smoke: bool):
+def policies(vocab: int, capacities, incontext_capacity: int):
     yield "dense", FullVocab()
     ranking = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))
     for C in capacities:
         yield f"static@{C}", StaticFrequencyPolicy(ranking, C)
-    yield f"incontext@{capacities[1]}", InContextPolicy(capacities[1], topk=3)
+    yield f"incontext@{incontext_capacity}", InContextPolicy(incontext_capacity, topk=3)
 
 
-def run_all(smoke: bool) -> tuple[list[dict], list[dict]]:
+def run_all(smoke: bool, compile: bool, drafters, batches) -> tuple[list[dict], list[dict]]:
     device = "cpu" if smoke else "cuda"
-    drafters = ["tiny-llama-1l"] if smoke else ["eagle-llama3-8b", "llama3.2-1b", "qwen2.5-0.5b"]
-    capacities = (64, 256) if smoke else (1024, 3072, 8192, 32768)
-    batches, prompt_len = ((1, 2), 32) if smoke else ((1, 8), 512)
+    drafters = ["tiny-llama-1l"] if smoke else drafters
+    # With compilation every decoder compiles its drafter: keep to the headline capacity.
+    capacities = (64, 256) if smoke else ((3072,) if compile else (1024, 3072, 8192, 32768))
+    incontext_capacity = 256 if smoke else 3072
+    batches, prompt_len = ((1, 2), 32) if smoke else (batches, 512)
     rows, overlap = [], []
     for name in drafters:
         drafter = build(name, device, torch.float32 if smoke else torch.bfloat16)
         V = drafter.config.vocab_size
         for B in batches:
             dense_us = None
-            for label, policy in policies(V, capacities, smoke):
-                dec, run = filled_run(drafter, policy, B, prompt_len)
+            for label, policy in policies(V, capacities, incontext_capacity):
+                dec, run = filled_run(drafter, policy, B, prompt_len, compile=compile)
                 us = draft_step_us(dec, run)
                 dense_us = dense_us or us
                 n_active = float(policy.n_active.float().mean())
                 rows.append(dict(drafter=name, batch=B, policy=label, n_active=n_active, step_us=us,
-                                 per_token_us=us / K, reduction=1 - us / dense_us))
+                                 per_token_us=us / K, reduction=1 - us / dense_us, compiled=compile))
                 print(f"{name:16s} B={B} {label:16s} active {n_active:8.0f}  draft step {us:8.1f} us  "
                       f"({us / K:6.1f} us/token)  {100 * (1 - us / dense_us):5.1f}% less than dense", flush=True)
                 if label.startswith("incontext"):
@@ -105,10 +108,10 @@ def run_all(smoke: bool) -> tuple[list[dict], list[dict]]:
                     for mode, async_gather, refresh in (("overlapped", True, True), ("serialized", False, True),
                                                         ("absent", True, False)):
                         dec2, run2 = filled_run(drafter, InContextPolicy(policy.capacity, 3), B, prompt_len,
-                                                async_gather)
+                                                async_gather, compile)
                         t = draft_step_us(dec2, run2, refresh=refresh, delta=delta if refresh else 0)
                         overlap.append(dict(drafter=name, batch=B, capacity=policy.capacity, delta_rows=delta,
-                                            gather=mode, step_us=t))
+                                            gather=mode, step_us=t, compiled=compile))
                         print(f"    gather {mode:10s} ({delta} new rows/step): {t:8.1f} us", flush=True)
                     upd = policy_update_us(policy, B, V, dec.policy.device)
                     overlap.append(dict(drafter=name, batch=B, capacity=policy.capacity, policy_update_us=upd))
@@ -130,15 +133,22 @@ def policy_update_us(policy, B: int, V: int, device) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode forwards (Inductor)")
+    ap.add_argument("--drafters", default="eagle-llama3-8b,llama3.2-1b,qwen2.5-0.5b")
+    ap.add_argument("--batch", default="1,8")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench_draft_step needs CUDA (or --smoke)", file=sys.stderr)
         return 1
+    torch._dynamo.config.cache_size_limit = 64    # one compiled drafter per decoder built here
     with torch.inference_mode():
-        rows, overlap = run_all(args.smoke)
+        rows, overlap = run_all(args.smoke, args.compile, args.drafters.split(","),
+                                tuple(map(int, args.batch.split(","))))
     if not args.smoke:
-        print(f"wrote {save('draft_step', dict(env=environment(), K=K, rows=rows, overlap=overlap), args.out)}")
+        payload = dict(env=environment(), K=K, compiled=args.compile, rows=rows, overlap=overlap,
+                       command=" ".join(sys.argv))
+        print(f"wrote {save('draft_step', payload, args.out)}")
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, save  # noqa: E402
@@ -69,8 +70,8 @@ def prompts(B, L, vocab, device):
     return ids, torch.ones_like(ids)
 
 
-def spec_tok_s(target, drafter, label, B, L, new, trace) -> dict:
-    dec = SpecDecoder(target, drafter, make_policy(label, drafter.config.vocab_size), K)
+def spec_tok_s(target, drafter, label, B, L, new, trace, compile=False) -> dict:
+    dec = SpecDecoder(target, drafter, make_policy(label, drafter.config.vocab_size), K, compile=compile)
     ids, mask = prompts(B, L, target.config.vocab_size, next(target.parameters()).device)
     run = ReplayRun(dec, ids, mask.bool(), new, SamplingConfig(), [], None, cuda_graph=True, trace=trace)
     run.start()
@@ -88,9 +89,9 @@ def spec_tok_s(target, drafter, label, B, L, new, trace) -> dict:
                 mean_accepted_length=stats.mean_accepted_length, mean_active=stats.mean_active_size)
 
 
-def plain_tok_s(target, B, L, new) -> dict:
+def plain_tok_s(target, B, L, new, compile=False) -> dict:
     ids, mask = prompts(B, L, target.config.vocab_size, next(target.parameters()).device)
-    dec = PlainDecoder(target)
+    dec = PlainDecoder(target, compile=compile)
     t0 = time.perf_counter()
     dec.generate(ids, mask, max_new_tokens=new, eos_token_id=[])
     if dec.steady_state is None:
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--pairs", default=None, help="target:drafter,... (default: all real-shape pairs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode forwards (Inductor)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -132,13 +135,19 @@ def main(argv=None) -> int:
     (traces, source), fixed = load_traces(args.acceptance)
     print(f"acceptance {source}", flush=True)
     pairs = {"tiny-llama": PAIRS["tiny-llama"]} if args.smoke else {t: d for t, d in PAIRS.items() if "tiny" not in t}
+    if args.pairs:
+        pairs = {}
+        for pair in args.pairs.split(","):
+            t, d = pair.split(":")
+            pairs.setdefault(t, []).append(d)
+    torch._dynamo.config.cache_size_limit = 64
     L, new = (16, 24) if args.smoke else (args.prompt_len, args.new_tokens)
     rows = []
     with torch.inference_mode():
         for target_name, drafters in pairs.items():
             target = build(target_name, device, torch.float32 if args.smoke else torch.bfloat16)
             for B in map(int, args.batch.split(",")):
-                r = plain_tok_s(target, B, L, new)
+                r = plain_tok_s(target, B, L, new, args.compile)
                 rows.append(dict(target=target_name, drafter=None, batch=B, method="plain", **r))
                 print(f"{target_name:11s} B={B} plain (CUDA graph)       {r['tok_s']:9.1f} tok/s", flush=True)
                 if B == 1:
@@ -157,7 +166,7 @@ def main(argv=None) -> int:
                         else:
                             print(f"  no trace for {label}: skipped", flush=True)
                             continue
-                        r = spec_tok_s(target, drafter, label, B, L, new, trace)
+                        r = spec_tok_s(target, drafter, label, B, L, new, trace, args.compile)
                         rows.append(dict(target=target_name, drafter=drafter_name, batch=B, method=f"spec:{label}",
                                          **r))
                         print(f"{target_name:11s} B={B} {drafter_name:15s} spec:{label:15s} {r['tok_s']:9.1f} tok/s"
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if not args.smoke:
         payload = dict(env=environment(), K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
-                       command=" ".join(sys.argv))
+                       compiled=args.compile, command=" ".join(sys.argv))
         print(f"wrote {save('e2e', payload, args.out)}")
     return 0
 

@@ -18,8 +18,8 @@ class PlainDecoder:
     >>> out = PlainDecoder(model).generate(input_ids, attention_mask, max_new_tokens=128)   # [B, L + new]
     """
 
-    def __init__(self, model: nn.Module, cuda_graph: bool = True, prefill_chunk: int = 512):
-        self.lm = CausalLM(model)
+    def __init__(self, model: nn.Module, cuda_graph: bool = True, prefill_chunk: int = 512, compile: bool = False):
+        self.lm = CausalLM.of(model, compile=compile)
         self.cuda_graph = cuda_graph
         self.prefill_chunk = prefill_chunk
         self.num_steps = 0
@@ -84,7 +84,7 @@ class PlainDecoder:
     def step(self) -> None:
         """One token for every unfinished row (finished rows recompute their last position, harmlessly)."""
         pos = (self.n - 1).unsqueeze(1)
-        logits = self.lm(self.tokens.gather(1, pos), pos)[:, -1]
+        logits = self.lm.decode(self.tokens.gather(1, pos), pos)[:, -1]
         self._commit(logits.argmax(-1))
 
     def _capture(self) -> "torch.cuda.CUDAGraph":

@@ -192,21 +192,46 @@ def _chat_prefix(tokenizer, prompt: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
     return tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+
+
+@dataclass
+class States:
+    """Training samples from `collect_states`.
+
+    hidden   float32 [N, D]  the model's final hidden state at position t (the input of its LM head)
+    windows  int64 [N, W]    token ids t+1..t+W (EOS after the response, then -1)
+    docs     list of int64 [L_d] token ids of each document (chat prefix + response + EOS)
+    doc, end int64 [N]       sample n's document and context length t+2: what a decoder has committed when
+                             it hands the (one token stale) hidden state at t to the policy
+    """
+    hidden: Tensor
+    windows: Tensor
+    docs: list
+    doc: Tensor
+    end: Tensor
+
+    def context_bitmap(self, start: int, stop: int, vocab_size: int) -> Tensor:
+        """bool [stop - start, V]: the committed context ids of samples start..stop-1."""
+        out = torch.zeros(stop - start, vocab_size, dtype=torch.bool)
+        for row, n in enumerate(range(start, stop)):
+            ids = self.docs[int(self.doc[n])][: int(self.end[n])]
+            out[row, ids[ids < vocab_size]] = True
+        return out
 
 
 @torch.no_grad()
 def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_id: int,
-                   max_response: int = 192, batch_tokens: int = 2048, progress=None) -> tuple[Tensor, Tensor]:
-    """Teacher-forced (hidden, window) pairs from `model` over chat-formatted (prompt, response) pairs.
+                   max_response: int = 192, batch_tokens: int = 2048, progress=None) -> States:
+    """Teacher-forced (hidden state, next W tokens) samples from `model` over (prompt, response) pairs.
 
-    For a response position t (the input token at t is the last prompt token or a response token), the
-    sample is the model's final hidden state at t (the input of its LM head, what `SpecDecoder` hands to
-    policies) and the ids t+1..t+W of the response (then EOS, then -1 padding). Pairs are taken in the given
-    order, each response cut at `max_response` tokens, until `positions` samples exist; they run in
-    length-sorted batches of about `batch_tokens` tokens. Returns hidden float32 [N, D] and windows int64
-    [N, W] on the CPU, in pair order.
+    Every response position t gives a sample: the final hidden state at t (the last prompt token's state
+    predicts the first response token) and the ids t+1..t+W. Pairs are taken in the given order, each response
+    cut at `max_response` tokens and closed with `eos_id`, until `positions` samples exist; prompts go through
+    the tokenizer's chat template when it has one. Documents run in length-sorted, right-padded batches of
+    about `batch_tokens` tokens through the model's decoder (`model.<base_model_prefix>`, whose output is the
+    final normed state). Returns `States` on the CPU, in pair order.
     """
     device = next(model.parameters()).device
     base = getattr(model, model.base_model_prefix)       # the decoder without its head: final normed states
@@ -217,8 +242,8 @@ def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_
         prefix = _chat_prefix(tokenizer, prompt)
         resp = tokenizer.encode(response, add_special_tokens=False)[:max_response] + [eos_id]
         docs.append((prefix, resp))
-        total += len(resp)
-    if total == 0:
+        total += len(resp) - (not prefix)
+    if total <= 0:
         raise ValueError("no response tokens in the training pairs")
     out: list = [None] * len(docs)
     order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]) + len(docs[i][1]))
@@ -232,12 +257,14 @@ def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_
             if progress is not None:
                 progress.update(sum(len(docs[b][1]) for b in batch))
             batch = []
-    hidden = torch.cat([h for h, _ in out])[:positions]
-    return hidden, torch.cat([w for _, w in out])[:positions]
+    n = [h.shape[0] for h, _, _ in out]
+    doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(n))[:positions]
+    return States(torch.cat([h for h, _, _ in out])[:positions], torch.cat([w for _, w, _ in out])[:positions],
+                  [torch.tensor(p + r) for p, r in docs], doc, torch.cat([e for _, _, e in out])[:positions])
 
 
-def _run_batch(base, docs, window: int, device) -> list[tuple[Tensor, Tensor]]:
-    """One right-padded forward; per doc (hidden [n, D] float32, windows [n, W]) for its response positions."""
+def _run_batch(base, docs, window: int, device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """One right-padded forward; per doc: hidden [n, D] float32, windows [n, W], context ends [n]."""
     lengths = [len(p) + len(r) for p, r in docs]
     L = max(lengths)
     ids = torch.zeros(len(docs), L, dtype=torch.long)
@@ -247,11 +274,11 @@ def _run_batch(base, docs, window: int, device) -> list[tuple[Tensor, Tensor]]:
     hidden = base(input_ids=ids.to(device), attention_mask=mask.long().to(device)).last_hidden_state
     results = []
     for i, (p, r) in enumerate(docs):
-        start, end = max(len(p) - 1, 0), lengths[i] - 1                                # t predicts t+1
-        t = torch.arange(start, end)                                                  # [n]
+        start, stop = max(len(p) - 1, 0), lengths[i] - 1                               # t predicts t+1
+        t = torch.arange(start, stop)                                                 # [n]
         idx = t.unsqueeze(1) + 1 + torch.arange(window)                               # [n, W]
         padded = torch.cat([ids[i, : lengths[i]], torch.full((window,), -1, dtype=torch.long)])
-        results.append((hidden[i, start:end].float().cpu(), padded[idx]))
+        results.append((hidden[i, start:stop].float().cpu(), padded[idx], t + 2))
     return results
 
 
@@ -266,11 +293,17 @@ def window_targets(windows: Tensor, cluster_of: Tensor, k: int) -> Tensor:
 
 
 def train_classifier(hidden: Tensor, windows: Tensor, cluster_of: Tensor, k: int, *, hidden_units: int = 0,
-                     epochs: int = 8, batch_size: int = 256, lr: float = 2e-3, weight_decay: float = 1e-4,
-                     seed: int = 0, device="cpu", progress=None) -> MetaClassifier:
-    """Fit a `MetaClassifier` hidden [N, D] -> k cluster logits with binary cross-entropy against
-    `window_targets` (each cluster is an independent "will a token of it be needed soon?" question, which
-    is what a union of top clusters asks). AdamW, cosine learning-rate decay, seeded shuffling."""
+                     loss: str = "softmax", epochs: int = 4, batch_size: int = 256, lr: float = 2e-3,
+                     weight_decay: float = 1e-4, seed: int = 0, device="cpu", progress=None) -> MetaClassifier:
+    """Fit a `MetaClassifier` hidden [N, D] -> k cluster logits on `window_targets` labels.
+
+    loss "softmax": cross-entropy against the label set normalised to a distribution (the clusters compete
+    for probability mass, which is what ranking them for a fixed budget needs); "bce": one independent
+    binary question per cluster. AdamW, cosine decay, seeded shuffling. Few epochs on purpose: samples of
+    one document share their labels, so the classifier memorises documents quickly (on SmolLM2, 12 epochs
+    covered less held-out text than 4)."""
+    if loss not in ("softmax", "bce"):
+        raise ValueError(f"loss must be 'softmax' or 'bce', got {loss!r}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     clf = MetaClassifier(hidden.shape[1], k, hidden_units)
@@ -279,20 +312,23 @@ def train_classifier(hidden: Tensor, windows: Tensor, cluster_of: Tensor, k: int
     clf.to(device).train()
     hidden, windows, cluster_of = hidden.to(device), windows.to(device), cluster_of.to(device)
     N = hidden.shape[0]
-    steps = epochs * math.ceil(N / batch_size)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * math.ceil(N / batch_size)))
     for _ in range(epochs):
         for idx in torch.randperm(N, generator=g).to(device).split(batch_size):
-            logits = clf(hidden[idx])
-            loss = F.binary_cross_entropy_with_logits(logits, window_targets(windows[idx], cluster_of, k))
+            logits = clf(hidden[idx])                                                  # [b, k]
+            target = window_targets(windows[idx], cluster_of, k)                       # [b, k]
+            if loss == "bce":
+                value = F.binary_cross_entropy_with_logits(logits, target)
+            else:
+                dist = target / target.sum(1, keepdim=True).clamp_min(1)
+                value = -(dist * F.log_softmax(logits, 1)).sum(1).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return clf.eval().requires_grad_(False)
 
 
@@ -306,16 +342,17 @@ def window_recall(sets: Tensor, windows: Tensor) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- end to end
 def fit_cluster_policy(features: Tensor, hidden: Tensor, windows: Tensor, *, num_clusters: int,
                        capacity: int, counts: Tensor | None = None, special_ids=(), core_size: int = 0,
-                       min_count: int = 1, hidden_units: int = 0, epochs: int = 8, seed: int = 0,
-                       size_penalty: float = 0.0, device="cpu", metadata: dict | None = None,
-                       progress=None) -> ClusterPolicy:
+                       min_count: int = 1, hidden_units: int = 0, loss: str = "softmax", epochs: int = 4,
+                       seed: int = 0, device="cpu", metadata: dict | None = None, progress=None,
+                       **policy_kwargs) -> ClusterPolicy:
     """Clusters + classifier from plain tensors -> a `ClusterPolicy`.
 
-    features [V, F] token features (rows of `token_features`); hidden [N, D] / windows [N, W] from
+    features [V, F] token features (`token_features`); hidden [N, D] and windows [N, W] from
     `collect_states`; counts [V] token frequencies (default: counted over `windows`). The core is the
-    `core_size` most frequent non-special ids; the ids clustered are the other non-special ids seen at least
-    `min_count` times (0: every id), so clusters, core and specials are disjoint. `progress(name, total)`
-    may return a tqdm bar for the "k-means" and "classifier" phases.
+    `core_size` most frequent non-special ids; the clustered ids are the other non-special ids seen at
+    least `min_count` times (0: every id), so clusters, core and specials are disjoint. `progress(name,
+    total)` may return a tqdm bar for the "k-means" and "classifier" phases. `policy_kwargs` go to
+    `ClusterPolicy` (fill, freq_weight, context, size_penalty).
     """
     V = features.shape[0]
     if counts is None:
@@ -331,22 +368,16 @@ def fit_cluster_policy(features: Tensor, hidden: Tensor, windows: Tensor, *, num
     if ids.numel() == 0:
         raise ValueError(f"no token id left to cluster (min_count={min_count}, core_size={core_size})")
     k = min(num_clusters, ids.numel())
-    x = features[ids].to(device)
     bar = progress("k-means", 100) if progress else None
-    km = kmeans(x, k, max_iter=100, seed=seed, progress=bar)
-    if bar is not None:
-        bar.close()
+    km = kmeans(features[ids].to(device), k, max_iter=100, seed=seed, progress=bar)
     table, sizes = cluster_table(km.labels, k, ids=ids, counts=counts)
     cluster_of = torch.full((V,), -1, dtype=torch.long)
     cluster_of[ids] = km.labels.cpu()
-    steps = epochs * math.ceil(hidden.shape[0] / 256)
-    bar = progress("classifier", steps) if progress else None
-    clf = train_classifier(hidden, windows, cluster_of, k, hidden_units=hidden_units, epochs=epochs,
+    bar = progress("classifier", epochs * math.ceil(hidden.shape[0] / 256)) if progress else None
+    clf = train_classifier(hidden, windows, cluster_of, k, hidden_units=hidden_units, loss=loss, epochs=epochs,
                            seed=seed, device=device, progress=bar)
-    if bar is not None:
-        bar.close()
     prior = torch.zeros(k, dtype=torch.float64).index_add_(0, km.labels.cpu(), counts[ids])
     meta = {"num_clustered": ids.numel(), "kmeans_inertia": f"{km.inertia:.6g}", "kmeans_iters": km.n_iter,
-            "seed": seed, **(metadata or {})}
-    return ClusterPolicy(table, clf.cpu(), capacity, core_ids=core, prior=prior.float(),
-                         size_penalty=size_penalty, metadata=meta)
+            "loss": loss, "seed": seed, **(metadata or {})}
+    return ClusterPolicy(table, clf.cpu(), capacity, core_ids=core, counts=counts[table[table >= 0]].float(),
+                         prior=prior.float(), metadata=meta, **policy_kwargs)

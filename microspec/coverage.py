@@ -43,18 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .model_coverage import HookFeed, TargetTrace, check_traces, pad_rows
 from .policies.base import VocabPolicy
 
-
-@dataclass
-class TargetTrace:
-    """The target's view of one teacher-forced document (prompt then response: N = L + T positions).
-
-    topk    int64 [N, k]       the target's top-k next-token ids at every position (row p predicts p + 1)
-    hidden  float [N, D] | None  the target's final hidden state (the input of its LM head) at every position
-    """
-    topk: Tensor
-    hidden: Tensor | None = None
+__all__ = ["CoverageResult", "TargetTrace", "batch_order", "compare_at_same_size", "plot_coverage", "simulate"]
 
 
 def _quantiles(x: Tensor, qs=(0.1, 0.5, 0.9)) -> list[float]:
@@ -132,38 +124,12 @@ class CoverageResult:
                               sum(r.seconds for r in results))
 
 
-def _pad(seqs: list[Tensor], fill=0) -> tuple[Tensor, Tensor]:
-    """Right-pad tensors [n_i, *F] to [B, max(n_i, 1), *F] with `fill`, plus a bool mask [B, max] of real rows."""
-    B, L = len(seqs), max(1, max(s.shape[0] for s in seqs))
-    out = torch.full((B, L, *seqs[0].shape[1:]), fill, dtype=seqs[0].dtype)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    for r, s in enumerate(seqs):
-        out[r, : s.shape[0]], mask[r, : s.shape[0]] = s, True
-    return out, mask
-
-
 def _check_ids(docs, vocab_size: int) -> None:
     for i, (p, r) in enumerate(docs):
         for name, t in (("prompt", p), ("response", r)):
             bad = t[(t < 0) | (t >= vocab_size)]
             if bad.numel():
                 raise ValueError(f"document {i}: {name} token id {int(bad[0])} outside [0, {vocab_size})")
-
-
-def _check_traces(policy: VocabPolicy, docs, traces) -> None:
-    if len(traces) != len(docs):
-        raise ValueError(f"{len(traces)} traces for {len(docs)} documents")
-    for i, ((p, r), tr) in enumerate(zip(docs, traces)):
-        n = p.numel() + r.numel()
-        if p.numel() == 0:
-            raise ValueError(f"document {i}: model-based coverage needs a non-empty prompt")
-        if tr.topk.shape[0] != n or (tr.hidden is not None and tr.hidden.shape[0] != n):
-            raise ValueError(f"document {i}: trace covers {tr.topk.shape[0]} positions, expected {n}")
-        if tr.topk.shape[1] < policy.target_topk:
-            raise ValueError(f"{policy!r} wants the target's top-{policy.target_topk}; the traces hold "
-                             f"top-{tr.topk.shape[1]}")
-        if policy.wants_hidden and tr.hidden is None:
-            raise ValueError(f"{policy!r} wants the target's hidden states; the traces hold none")
 
 
 class _Membership:
@@ -229,7 +195,7 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
             for p, r in pairs_token_ids]
     _check_ids(docs, vocab_size)
     if traces is not None:
-        _check_traces(policy, docs, traces)
+        check_traces(policy, docs, traces)
     D = len(docs)
     covered, tokens = torch.zeros(D, dtype=torch.long), torch.zeros(D, dtype=torch.long)
     active: list[Tensor] = []
@@ -257,54 +223,15 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
     return CoverageResult(covered, tokens, cat(active), cat(delta), time.perf_counter() - t0)
 
 
-class _Oracle:
-    """The hook inputs a batch's traces give: top-k and hidden states gathered at decoder positions."""
-
-    def __init__(self, policy: VocabPolicy, traces: list[TargetTrace] | None, prompt_len: Tensor,
-                 resp_len: Tensor):
-        self.k = policy.target_topk if traces is not None else 0
-        self.on = traces is not None
-        self.Lp, self.T = prompt_len, resp_len                                          # [B], [B]
-        if self.on:
-            self.topk = _pad([t.topk[:, : self.k] for t in traces])[0] if self.k else None  # [B, N, k]
-            self.hidden = _pad([t.hidden for t in traces])[0] if policy.wants_hidden else None  # [B, N, D]
-
-    def _hidden_at(self, pos: Tensor) -> Tensor | None:
-        if self.hidden is None:
-            return None
-        return self.hidden.gather(1, pos.view(-1, 1, 1).expand(-1, 1, self.hidden.shape[-1])).squeeze(1)
-
-    def prefill(self, width: int):
-        """(topk [B, width, k] at prompt positions | None, hidden [B, D] at the last prompt position)."""
-        if not self.on:
-            return None, None
-        topk = self.topk[:, :width] if self.k else None
-        return topk, self._hidden_at(self.Lp - 1)
-
-    def block(self, a: int, width: int, n_commit: Tensor):
-        """Block of response tokens [a, a + width) with n_commit [B] real commits -> (topk [B, width, k],
-        hidden [B, D]): top-k at positions Lp + a - 1 + j (they predict response token a + j); hidden at
-        the newest committed input Lp + a + n_commit - 2, or at the last token for a finished row."""
-        if not self.on:
-            return None, None
-        topk = None
-        if self.k:
-            pos = (self.Lp + a - 1).unsqueeze(1) + torch.arange(width)                  # [B, width]
-            pos = pos.clamp(max=self.topk.shape[1] - 1)                                 # padding tail
-            topk = self.topk.gather(1, pos.unsqueeze(-1).expand(-1, -1, self.k))
-        newest = torch.where(n_commit > 0, self.Lp + a + n_commit - 2, self.Lp + self.T - 1)
-        return topk, self._hidden_at(newest)
-
-
 @torch.no_grad()  # not inference_mode: the policy's buffers must stay usable after the simulation
 def _run_batch(policy, member: _Membership, docs, block: int, progress, traces, active: list, delta: list):
     """Prefill + commit loop for one batch of documents -> (covered [B], tokens [B]); appends to the
     active-size and delta lists."""
     B = len(docs)
-    prompt, prompt_mask = _pad([p for p, _ in docs])                                    # [B, L]
-    resp, resp_mask = _pad([r for _, r in docs])                                        # [B, T]
-    oracle = _Oracle(policy, traces, prompt_mask.sum(1), resp_mask.sum(1))
-    topk, hidden = oracle.prefill(prompt.shape[1])
+    prompt, prompt_mask = pad_rows([p for p, _ in docs])                                    # [B, L]
+    resp, resp_mask = pad_rows([r for _, r in docs])                                        # [B, T]
+    feed = HookFeed(policy, traces, prompt_mask.sum(1), resp_mask.sum(1))
+    topk, hidden = feed.prefill(prompt.shape[1])
     policy.on_prefill(prompt, prompt_mask, topk, hidden=hidden)
     T = resp.shape[1]
     bounds = [(0, 1)] + [(j, j + block) for j in range(1, T, block)]   # token 0 alone, as SpecDecoder
@@ -331,7 +258,7 @@ def _run_batch(policy, member: _Membership, docs, block: int, progress, traces, 
         if a == 0:   # token 0: the decoder commits it with no top-k and the prefill hidden state
             policy.on_commit(tok, mask, None, hidden=hidden)
         else:
-            topk, hidden_b = oracle.block(a, b - a, mask.sum(1))
+            topk, hidden_b = feed.block(a, b - a, mask.sum(1))
             policy.on_commit(tok, mask, topk, hidden=hidden_b)
         if progress is not None:
             progress.update(int(mask.sum()))

@@ -87,6 +87,8 @@ class SpecDecoder:
         prefill_chunk: prompt positions per prefill forward (bounds the [B, chunk, V] logits).
         cuda_graph: capture the whole decode step in a CUDA graph and replay it (CUDA only; default on).
         async_gather: copy newly admitted head rows on a side CUDA stream, overlapping the drafter's layers.
+        compile: run the decode-step forwards of both models through `torch.compile` (Inductor fuses each
+            layer's small element-wise kernels; the first generate call pays the compilation).
 
     Example:
         >>> out = SpecDecoder(target, drafter, InContextPolicy(capacity=2048), 5).generate(ids, max_new_tokens=64)
@@ -95,7 +97,7 @@ class SpecDecoder:
 
     def __init__(self, target: nn.Module, drafter: nn.Module, policy: VocabPolicy, num_speculative_tokens: int = 4,
                  *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512,
-                 cuda_graph: bool = True, async_gather: bool = True):
+                 cuda_graph: bool = True, async_gather: bool = True, compile: bool = False):
         if not isinstance(policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy, got {type(policy).__name__}")
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
@@ -106,11 +108,11 @@ class SpecDecoder:
         self.K = num_speculative_tokens
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = cuda_graph
-        self.target = CausalLM(target)
+        self.target = CausalLM.of(target, compile=compile)
         drafter_view = _shallow_model_copy(drafter)
         mode = "dense" if isinstance(policy, FullVocab) else head_mode
         self.head = sparsify_lm_head_(drafter_view, mode=mode, async_gather=async_gather).head
-        self.drafter = CausalLM(drafter_view)
+        self.drafter = CausalLM(drafter_view, compile=compile)
         if self.drafter.device != self.target.device:
             raise ValueError(f"drafter on {self.drafter.device}, target on {self.target.device}")
         self._generation_config = getattr(target, "generation_config", None)

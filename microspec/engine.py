@@ -118,7 +118,7 @@ class DecodeRun:
 
     # ------------------------------------------------------------------ one decode step (capturable)
     def _draft_logits(self, tokens: Tensor, positions: Tensor, n_act: Tensor) -> Tensor:
-        logits = self.dec.drafter(tokens, positions, last_only=True)[:, -1]             # [B, C]
+        logits = self.dec.drafter.decode(tokens, positions, last_only=True)[:, -1]      # [B, C]
         self.nan_seen[1] |= torch.isnan(logits).any()
         # Re-mask padding: model-side logit transforms (soft-capping) must not revive it.
         pad = torch.arange(logits.shape[-1], device=logits.device) >= n_act.unsqueeze(-1)
@@ -152,7 +152,7 @@ class DecodeRun:
         draft, valid, q_rows, slots = self._draft(ids, n_act)
         last = self.tokens.gather(1, (n - 1).unsqueeze(1))
         positions = (n - 1).unsqueeze(1) + self.steps_k                                  # [B, K+1]
-        t_logits = self.dec.target(torch.cat([last, draft], 1), positions)              # [B, K+1, V]
+        t_logits = self.dec.target.decode(torch.cat([last, draft], 1), positions)       # [B, K+1, V]
         self.nan_seen[0] |= torch.isnan(t_logits).any()
         verdict = self._verify(draft, valid, q_rows, slots, ids, t_logits)
         # --- commit: cut at the first EOS and at the token budget; finished rows commit nothing

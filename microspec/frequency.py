@@ -13,7 +13,8 @@ Table file (safetensors, no pickle):
 An imported id list (no counts) is saved with `token_ids` int64 [n] (ranked) instead of `counts`.
 
     >>> table = count_corpora(["gsm8k:train"], load_tokenizer(".../llama3"))       # doctest: +SKIP
-    >>> save_table(table, "freq.safetensors"); export_top(table.ranked(), "freq_32768.pt", 32768, eos_ids)
+    >>> save_table(table, "freq.safetensors")                                      # doctest: +SKIP
+    >>> export_top(table.ranked(), "freq_32768.pt", 32768, table.meta["eos_ids"])  # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ attention mask runs unchanged (Llama, Qwen2, Mistral, Gemma, Phi-3, ...), and ev
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -70,12 +72,15 @@ def vocab_size_of(model: nn.Module) -> int:
 class CausalLM:
     """A Hugging Face causal LM driven with explicit positions and a `RowKVCache`.
 
+    `CausalLM.of(model, compile)` returns one shared wrapper per model, so decoders built over the same
+    target share its compiled graphs and its cache buffers (used one call at a time).
+
     Args:
         model: a `transformers` causal LM (`...ForCausalLM`) in eval mode; its attention implementation
                must be "sdpa" or "eager" (they take the 4-D mask this path builds).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compile: bool = False):
         config = model.config
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl not in SUPPORTED_ATTENTION:
@@ -89,6 +94,14 @@ class CausalLM:
         self.cache: RowKVCache | None = None
         self.hidden: Tensor | None = None      # final hidden states of the last call, when captured
         self._hidden_hook = None
+        # Ids the model cannot embed (a larger target vocabulary's extra ids, fed to a drafter) are clamped:
+        # that costs the drafter's guess its quality, never the output its correctness.
+        get_embed = getattr(model, "get_input_embeddings", None)
+        embed = get_embed() if callable(get_embed) else None
+        self.input_vocab = getattr(embed, "num_embeddings", None) or vocab_size_of(model)
+        # Decode-shaped calls (the same few shapes every step) can run through torch.compile, which fuses the
+        # dozens of small element-wise kernels of each layer; prefill (varying lengths) stays eager.
+        self._compiled = torch.compile(self._forward, dynamic=False) if compile else None
 
     def capture_hidden(self, enable: bool = True) -> None:
         """Keep the input of the output head (the final hidden states [B, T, D]) of every call in `hidden`."""
@@ -99,6 +112,15 @@ class CausalLM:
         elif not enable and self._hidden_hook is not None:
             self._hidden_hook.remove()
             self._hidden_hook, self.hidden = None, None
+
+    _shared: "weakref.WeakKeyDictionary[nn.Module, dict[bool, CausalLM]]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, model: nn.Module, compile: bool = False) -> "CausalLM":
+        per_model = cls._shared.setdefault(model, {})
+        if compile not in per_model:
+            per_model[compile] = cls(model, compile=compile)
+        return per_model[compile]
 
     @staticmethod
     def _mask_windows(config) -> dict[str, int | None]:
@@ -146,10 +168,18 @@ class CausalLM:
     def __call__(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
         """Run tokens [B, T] at positions [B, T]; returns logits [B, T, N] (or [B, 1, N] if last_only),
         N = vocabulary (or active-set size when the head is a `SparseLMHead`)."""
+        return self._forward(tokens, positions, last_only)
+
+    def decode(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
+        """Same as calling the model, through the compiled path when `compile=True` (decode steps)."""
+        return (self._compiled or self._forward)(tokens, positions, last_only)
+
+    def _forward(self, tokens: Tensor, positions: Tensor, last_only: bool) -> Tensor:
         cache = self.cache
         cache.write_positions = positions
         masks = {kind: self._mask(positions, w) for kind, w in self.windows.items()}
         mask = masks if len(masks) > 1 else masks["full_attention"]
-        out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
+        out = self.model(input_ids=tokens.clamp(max=self.input_vocab - 1), position_ids=positions,
+                         attention_mask=mask, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1 if last_only else 0)
         return out.logits

@@ -24,13 +24,93 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .coverage import TargetTrace
 from .data import Tokenizer
 from .hf import CausalLM, vocab_size_of
+from .policies.base import VocabPolicy
+
+
+@dataclass
+class TargetTrace:
+    """The target's view of one teacher-forced document (prompt then response: N = L + T positions).
+
+    topk    int64 [N, k]       the target's top-k next-token ids at every position (row p predicts p + 1)
+    hidden  float [N, D] | None  the target's final hidden state (the input of its LM head) at every position
+    """
+    topk: Tensor
+    hidden: Tensor | None = None
+
+
+def pad_rows(seqs: list[Tensor], fill=0) -> tuple[Tensor, Tensor]:
+    """Right-pad tensors [n_i, *F] to [B, max(n_i, 1), *F] with `fill`, plus a bool mask [B, max] of real rows."""
+    B, L = len(seqs), max(1, max(s.shape[0] for s in seqs))
+    out = torch.full((B, L, *seqs[0].shape[1:]), fill, dtype=seqs[0].dtype)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        out[r, : s.shape[0]], mask[r, : s.shape[0]] = s, True
+    return out, mask
+
+
+def check_traces(policy: VocabPolicy, docs, traces) -> None:
+    """Raise ValueError unless there is one trace per document, covering its positions, with what the
+    policy wants (>= its top-k, hidden states if `wants_hidden`)."""
+    if len(traces) != len(docs):
+        raise ValueError(f"{len(traces)} traces for {len(docs)} documents")
+    for i, ((p, r), tr) in enumerate(zip(docs, traces)):
+        n = p.numel() + r.numel()
+        if p.numel() == 0:
+            raise ValueError(f"document {i}: model-based coverage needs a non-empty prompt")
+        if tr.topk.shape[0] != n or (tr.hidden is not None and tr.hidden.shape[0] != n):
+            raise ValueError(f"document {i}: trace covers {tr.topk.shape[0]} positions, expected {n}")
+        if tr.topk.shape[1] < policy.target_topk:
+            raise ValueError(f"{policy!r} wants the target's top-{policy.target_topk}; the traces hold "
+                             f"top-{tr.topk.shape[1]}")
+        if policy.wants_hidden and tr.hidden is None:
+            raise ValueError(f"{policy!r} wants the target's hidden states; the traces hold none")
+
+
+class HookFeed:
+    """The hook inputs that a batch's traces give, gathered at the positions `SpecDecoder` uses (text-only:
+    `traces` None, every input None). Used by `microspec.coverage.simulate`."""
+
+    def __init__(self, policy: VocabPolicy, traces: list[TargetTrace] | None, prompt_len: Tensor,
+                 resp_len: Tensor):
+        self.k = policy.target_topk if traces is not None else 0
+        self.on = traces is not None
+        self.Lp, self.T = prompt_len, resp_len                                          # [B], [B]
+        if self.on:
+            self.topk = pad_rows([t.topk[:, : self.k] for t in traces])[0] if self.k else None  # [B, N, k]
+            self.hidden = pad_rows([t.hidden for t in traces])[0] if policy.wants_hidden else None  # [B, N, D]
+
+    def _hidden_at(self, pos: Tensor) -> Tensor | None:
+        if self.hidden is None:
+            return None
+        return self.hidden.gather(1, pos.view(-1, 1, 1).expand(-1, 1, self.hidden.shape[-1])).squeeze(1)
+
+    def prefill(self, width: int):
+        """(topk [B, width, k] at prompt positions | None, hidden [B, D] at the last prompt position)."""
+        if not self.on:
+            return None, None
+        topk = self.topk[:, :width] if self.k else None
+        return topk, self._hidden_at(self.Lp - 1)
+
+    def block(self, a: int, width: int, n_commit: Tensor):
+        """Block of response tokens [a, a + width) with n_commit [B] real commits -> (topk [B, width, k],
+        hidden [B, D]): top-k at positions Lp + a - 1 + j (they predict response token a + j); hidden at
+        the newest committed input Lp + a + n_commit - 2, or at the last token for a finished row."""
+        if not self.on:
+            return None, None
+        topk = None
+        if self.k:
+            pos = (self.Lp + a - 1).unsqueeze(1) + torch.arange(width)                  # [B, width]
+            pos = pos.clamp(max=self.topk.shape[1] - 1)                                 # padding tail
+            topk = self.topk.gather(1, pos.unsqueeze(-1).expand(-1, -1, self.k))
+        newest = torch.where(n_commit > 0, self.Lp + a + n_commit - 2, self.Lp + self.T - 1)
+        return topk, self._hidden_at(newest)
 
 
 def hf_tokenizer(tokenizer, vocab_size: int, eos_ids, name: str = "model") -> Tokenizer:

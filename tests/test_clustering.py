@@ -49,7 +49,7 @@ def test_tolerance_stop_matches_sklearn():
 
 def test_empty_cluster_is_reseeded_like_sklearn():
     x = blobs(n=600, seed=4)
-    init = torch.cat([x[:5], x[:1]])                       # a duplicate centroid: cluster 5 starts empty
+    init = torch.cat([x[:5], torch.full((1, x.shape[1]), 1e3, dtype=x.dtype)])   # far away: starts empty
     ours = kmeans(x, 6, init=init)
     ref = sklearn_fit(x, 6, init)
     assert torch.bincount(ours.labels, minlength=6).min() > 0
@@ -127,32 +127,38 @@ class _ByteTokenizer:
 
 def test_collect_states_gives_the_lm_head_input_and_the_next_tokens():
     model = tiny_model("llama", vocab_size=131)
-    pairs = [("ab", "hello"), ("xyz", "no"), ("", "qrstuvw")]
-    h, w = collect_states(model, _ByteTokenizer(), pairs, positions=100, window=3, eos_id=2, batch_tokens=16)
     tok = _ByteTokenizer()
-    # one sample per response token (+ EOS): 6 + 3 + 8 minus the empty prompt's first position
-    assert h.shape == (6 + 3 + 7, 32) and w.shape == (16, 3)
-    assert w[0].tolist() == tok.encode("hel") and w[5].tolist() == [2, -1, -1]
+    pairs = [("ab", "hello"), ("xyz", "no"), ("", "qrstuvw")]
+    st = collect_states(model, tok, pairs, positions=100, window=3, eos_id=2, batch_tokens=16)
+    # one sample per response token (+ EOS), minus the first position of the empty prompt
+    assert st.hidden.shape == (6 + 3 + 7, 32) and st.windows.shape == (16, 3)
+    assert st.windows[0].tolist() == tok.encode("hel") and st.windows[5].tolist() == [2, -1, -1]
+    assert st.doc.tolist() == [0] * 6 + [1] * 3 + [2] * 7
     ids = torch.tensor([tok.encode("ab" + "hello") + [2]])
     logits = model(ids).logits[0]                                     # [L, V]
     head = model.get_output_embeddings().weight
-    assert torch.allclose((h[:6].double() @ head.T), logits[1:7].float().double(), atol=1e-4)
-    h2, _ = collect_states(model, tok, pairs, positions=4, window=3, eos_id=2)
-    assert h2.shape[0] == 4 and torch.allclose(h2, h[:4], atol=1e-5)
+    assert torch.allclose(st.hidden[:6].double() @ head.T, logits[1:7], atol=1e-4)
+    # the context committed when the state at t is handed over: tokens 0..t+1 ("ab" + "h" for t = 1)
+    seen = st.context_bitmap(0, 2, 131)
+    assert seen[0].nonzero().flatten().tolist() == sorted(set(tok.encode("abh")))
+    assert seen[1].sum() == len(set(tok.encode("abhe")))
+    first = collect_states(model, tok, pairs, positions=4, window=3, eos_id=2)
+    assert first.hidden.shape[0] == 4 and torch.allclose(first.hidden, st.hidden[:4], atol=1e-5)
 
 
 def test_classifier_learns_a_separable_routing_task():
-    """Context i (a noisy prototype) is always followed by tokens of cluster i % k: top-1 recall ~ 1."""
-    g = torch.Generator().manual_seed(0)
+    """Context i (a noisy prototype) is always followed by tokens of cluster i % k: top-1 accuracy near 1."""
+    g = torch.Generator().manual_seed(123)    # not the classifier's init seed: same stream, correlated draws
     k, D, N = 8, 16, 2000
     proto = torch.randn(k, D, generator=g) * 3
     ctx = torch.randint(k, (N,), generator=g)
     hidden = proto[ctx] + torch.randn(N, D, generator=g)
     cluster_of = torch.arange(40) % k
     windows = (ctx.unsqueeze(1) + k * torch.randint(5, (N, 3), generator=g))          # ids of cluster ctx
-    clf = train_classifier(hidden, windows, cluster_of, k, epochs=4, hidden_units=0)
-    acc = (clf(hidden).argmax(1) == ctx).float().mean()
-    assert acc > 0.95, acc
+    for loss in ("softmax", "bce"):
+        clf = train_classifier(hidden, windows, cluster_of, k, epochs=4, loss=loss, batch_size=64)
+        acc = (clf(hidden).argmax(1) == ctx).float().mean()
+        assert acc > 0.9, (loss, acc)              # chance: 1/8
 
 
 def test_fit_cluster_policy_partitions_the_fitted_vocabulary():

@@ -56,9 +56,14 @@ def register(subparsers) -> None:
                    help="response tokens used per document (default: 192)")
     p.add_argument("--hidden-units", type=int, default=0, metavar="H",
                    help="classifier hidden layer width; 0 = linear (default: 0)")
-    p.add_argument("--epochs", type=int, default=8, help="classifier epochs (default: 8)")
+    p.add_argument("--loss", choices=("softmax", "bce"), default="softmax", help="classifier loss (default: softmax)")
+    p.add_argument("--epochs", type=int, default=4, help="classifier epochs (default: 4)")
+    p.add_argument("--fill", choices=("tokens", "clusters"), default="tokens",
+                   help="saved default fill: rank ids by cluster score + frequency, or whole clusters (default: tokens)")
+    p.add_argument("--freq-weight", type=float, default=0.5, help="token fill: weight of log count (default: 0.5)")
+    p.add_argument("--no-context", action="store_true", help="token fill: do not rank context ids first")
     p.add_argument("--size-penalty", type=float, default=0.0,
-                   help="rank clusters by log p - penalty * log(size) (default: 0, rank by score)")
+                   help="cluster fill: rank by log p - penalty * log(size) (default: 0, by logit)")
     p.add_argument("--block", type=int, default=6, metavar="K+1", help="draft block for the report (default: 6)")
     p.add_argument("--report-capacity", type=int, nargs="+", default=[512, 1024, 2048, 3072], metavar="C",
                    help="capacities of the report (default: 512 1024 2048 3072)")
@@ -114,30 +119,42 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def recall_table(policy, ranked, hidden, windows, capacities, special, block, vocab_size) -> list[dict]:
-    """Held-out recall of the next block (tokens t+2..t+1+block) for the cluster policy and a static
-    frequency list (specials, then `ranked`), at each capacity."""
+COLUMNS = ("static", "static+ctx", "clusters", "routed", "routed+ctx")
+
+
+def recall_table(policy, ranked, held, capacities, special, block, vocab_size) -> list[dict]:
+    """Held-out recall of the next block (tokens t+2..t+1+block), per capacity, of: the static frequency
+    list (specials, then `ranked`); frequency + context ids (the policy without hidden states); the cluster
+    fill (DynaSpec's union of top clusters); the token fill without and with context ids."""
     import torch
 
     from microspec.clustering import window_recall
     from microspec.policies.cluster import ClusterPolicy, pad_table
 
-    target = windows[:, 1: 1 + block]                                                # [N, block]
+    target = held.windows[:, 1: 1 + block]                                           # [N, block]
     sp = torch.tensor(special)
     static_ids = torch.cat([sp, ranked[~torch.isin(ranked, sp)]])
     rows = []
     for C in capacities:
-        p = ClusterPolicy(pad_table(policy.members, policy.sizes), policy.classifier, C,
-                          core_ids=policy.core_ids, prior=policy.prior, size_penalty=policy.size_penalty)
-        p.setup(1, vocab_size, special, "cpu")
-        hit = tot = s_hit = 0
-        for i in range(0, hidden.shape[0], 512):
-            w = target[i: i + 512]
-            a, b = window_recall(p.shortlist(hidden[i: i + 512]), w)
-            s_hit += window_recall(static_ids[:C].expand(w.shape[0], -1), w)[0]
-            hit, tot = hit + a, tot + b
-        rows.append({"capacity": C, "active": int(p.n_active[0]), "static": s_hit / tot, "cluster": hit / tot,
-                     "tokens": tot})
+        def make(fill):
+            p = ClusterPolicy(pad_table(policy.members, policy.sizes), policy.classifier, C, core_ids=policy.core_ids,
+                              counts=policy.counts, prior=policy.prior, fill=fill, freq_weight=policy.freq_weight,
+                              context=True, size_penalty=policy.size_penalty)
+            p.setup(1, vocab_size, special, "cpu")
+            return p
+        tok, clu = make("tokens"), make("clusters")
+        hits = dict.fromkeys(COLUMNS, 0)
+        total = 0
+        for i in range(0, target.shape[0], 512):
+            w, h = target[i: i + 512], held.hidden[i: i + 512]
+            seen = held.context_bitmap(i, i + w.shape[0], vocab_size)
+            sets = {"static": static_ids[:C].expand(w.shape[0], -1), "static+ctx": tok.shortlist(None, seen),
+                    "clusters": clu.shortlist(h), "routed": tok.shortlist(h), "routed+ctx": tok.shortlist(h, seen)}
+            for name, ids in sets.items():
+                hits[name] += window_recall(ids, w)[0]
+            total += window_recall(sets["static"], w)[1]
+        rows.append({"capacity": C, "active": int(tok.n_active[0]), "tokens": total,
+                     **{name: hits[name] / total for name in COLUMNS}})
     return rows
 
 
@@ -197,29 +214,33 @@ def fit(model, tokenizer, train, held, args, device, quiet=True):
     def progress(name, total):
         return tqdm(total=total, desc=name, disable=quiet, file=sys.stderr)
 
-    hidden, windows = states["train"]
-    meta = {"vocab_size": V, "features": args.features, "window": args.window, "positions": hidden.shape[0],
-            "epochs": args.epochs, "min_count": args.min_count, "created": time.strftime("%Y-%m-%d")}
+    train_states = states["train"]
+    meta = {"vocab_size": V, "features": args.features, "window": args.window,
+            "positions": train_states.hidden.shape[0], "epochs": args.epochs, "min_count": args.min_count,
+            "max_response": args.max_response, "created": time.strftime("%Y-%m-%d")}
     policy = clustering.fit_cluster_policy(
-        clustering.token_features(model, args.features), hidden, windows, num_clusters=args.clusters,
-        capacity=max(args.report_capacity), counts=counts, special_ids=eos, core_size=args.core,
-        min_count=args.min_count, hidden_units=args.hidden_units, epochs=args.epochs, seed=args.seed,
-        size_penalty=args.size_penalty, device=device, metadata=meta, progress=None if quiet else progress)
+        clustering.token_features(model, args.features), train_states.hidden, train_states.windows,
+        num_clusters=args.clusters, capacity=max(args.report_capacity), counts=counts, special_ids=eos,
+        core_size=args.core, min_count=args.min_count, hidden_units=args.hidden_units, loss=args.loss,
+        epochs=args.epochs, seed=args.seed, device=device, metadata=meta, progress=None if quiet else progress,
+        fill=args.fill, freq_weight=args.freq_weight, context=not args.no_context, size_penalty=args.size_penalty)
     timings["fit (k-means + classifier)"] = time.perf_counter() - t
     ranked = torch.argsort(-counts, stable=True)
-    report = recall_table(policy, ranked, *states["held-out"], args.report_capacity, eos, args.block, V)
+    t = time.perf_counter()
+    report = recall_table(policy, ranked, states["held-out"], args.report_capacity, eos, args.block, V)
+    timings["report"] = time.perf_counter() - t
     return policy, report, timings
 
 
 def format_report(rows, timings, args, policy, size_bytes: int) -> str:
     clf = f"MLP with {args.hidden_units} hidden units" if args.hidden_units else "linear"
     lines = [f"ClusterPolicy: {policy.num_clusters} clusters over {policy.members.numel()} ids, core "
-             f"{policy.core_ids.numel()}, {clf} classifier, window {args.window}",
-             f"held-out recall of the next {args.block}-token block ({rows[0]['tokens'] if rows else 0} tokens)",
-             f"{'capacity':>8}  {'static':>7}  {'cluster':>7}  {'gain':>6}"]
+             f"{policy.core_ids.numel()}, {clf} classifier ({args.loss}), window {args.window}, saved fill "
+             f"{policy.fill!r}" + (" + context" if policy.context else ""),
+             f"held-out recall of the next {args.block}-token block ({rows[0]['tokens'] if rows else 0} tokens):",
+             f"{'capacity':>8}" + "".join(f"{name:>12}" for name in COLUMNS)]
     for r in rows:
-        lines.append(f"{r['capacity']:>8}  {r['static']:>7.4f}  {r['cluster']:>7.4f}  "
-                     f"{r['cluster'] - r['static']:>+6.4f}")
+        lines.append(f"{r['capacity']:>8}" + "".join(f"{r[name]:>12.4f}" for name in COLUMNS))
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     lines.append(f"saved {args.out} ({size_bytes / 1e6:.2f} MB)")
     return "\n".join(lines)

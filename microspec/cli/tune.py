@@ -33,7 +33,8 @@ examples:
       --tokenizer ../shared/data/tokenizers/llama3 --policy static --min-coverage 0.9 --trials 40 \\
       --fit alpaca:gpt4_1106_preview alpaca:text_davinci_003 gsm8k:train --json tune.json --plot tune.png
   python -m microspec.cli.tune gsm8k:test humaneval --model smollm2 --sample 25 --max-tokens 256 \\
-      --policy incontext --topk-choices 0 1 3 --fit gsm8k:train --arch llama3-8b --latency-table h100.json
+      --policy incontext --topk-choices 0 1 3 --fit gsm8k:train --arch smollm2-135m --trace-cache /tmp/traces
+  (add --latency-table FILE to use measured head latency instead of the cost model)
 """
 
 
