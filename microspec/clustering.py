@@ -1,33 +1,29 @@
 """Fitting a `ClusterPolicy`: token clusters (torch k-means), the meta-classifier, and its training data.
 
-Why each piece exists:
-
-* **k-means in torch.** Clustering 49k-262k LM-head rows of width 576-8192 into 1-2k clusters is a few
-  Lloyd iterations of one [N, D] x [D, k] GEMM each. Torch runs it on the GPU when there is one and on the
-  CPU otherwise, with the same code and the same seeded result (random draws come from a CPU generator).
-  Distances are computed in row chunks so a 151,936 x 1536 matrix against 2048 centroids never materialises
-  the full [N, k] distance matrix. The algorithm mirrors scikit-learn's `KMeans(algorithm="lloyd")` (greedy
-  k-means++ init, relative `tol`, strict-convergence stop, empty clusters re-seeded with the farthest
-  points), which the tests use as the oracle.
-* **Cluster tables.** A policy needs cluster -> member ids as a padded [k, S] table (-1 padding) plus sizes;
-  members are ordered most frequent first, so when a cluster is cut at the capacity its frequent members stay.
-* **Training data.** (hidden state at position t, token ids t+1..t+W) pairs from a real model run
-  teacher-forced over chat-formatted (prompt, response) pairs: `collect_states`.
-* **Classifier training.** Multi-label BCE on "which clusters hold a token of the upcoming window"
-  (`train_classifier`), and `fit_cluster_policy`, which ties everything together from plain tensors (the
-  command uses it on SmolLM2; the tests use it on random data of the right shapes).
+* **k-means in torch**: clustering 49k-262k LM-head rows of width 576-8192 into ~1k clusters is a few Lloyd
+  iterations of one [N, D] x [D, k] GEMM each, on the GPU when there is one and on the CPU otherwise, with
+  the same seeded result (random draws come from a CPU generator). Distances are computed in row chunks, so
+  151,936 x 1536 rows against 2048 centroids never materialise the full [N, k] matrix. The algorithm mirrors
+  scikit-learn's `KMeans(algorithm="lloyd")` (greedy k-means++, relative `tol`, strict-convergence stop,
+  empty clusters re-seeded with the farthest points), the tests' oracle.
+* **Cluster tables**: cluster -> member ids, padded [k, S] with -1, members most frequent first (so a cluster
+  cut at the capacity keeps its frequent members).
+* **Training data** (`collect_states`): the hidden state at position t and the ids t+1..t+W, from a real
+  model run teacher-forced over chat-formatted (prompt, response) pairs.
+* **Classifier** (`train_classifier`) on "which clusters hold a token of the next W", and
+  `fit_cluster_policy`, which ties everything together from plain tensors (the command runs it on SmolLM2,
+  the tests on random data of the right shapes).
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .policies.cluster import ClusterPolicy, MetaClassifier
+from .policies.cluster import ClusterPolicy, MetaClassifier, pad_table
 
 _CHUNK_BYTES = 1 << 28  # distance block budget: 256 MiB
 
@@ -163,11 +159,7 @@ def cluster_table(labels: Tensor, k: int, ids: Tensor | None = None, counts: Ten
     order = order[torch.argsort(-freq[order], stable=True)]
     order = order[torch.argsort(labels[order], stable=True)]                          # cluster-major
     sizes = torch.bincount(labels, minlength=k)
-    S = max(1, int(sizes.max()))
-    rank = torch.arange(labels.numel()) - (sizes.cumsum(0) - sizes)[labels[order]]
-    table = torch.full((k, S), -1, dtype=torch.long)
-    table[labels[order], rank] = ids[order]
-    return table, sizes
+    return pad_table(ids[order], sizes), sizes
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -248,14 +240,16 @@ def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_
     out: list = [None] * len(docs)
     order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]) + len(docs[i][1]))
     batch: list[int] = []
+    done = 0
     for j, i in enumerate(order):
         batch.append(i)
         longest = len(docs[i][0]) + len(docs[i][1])
         if longest * (len(batch) + 1) > batch_tokens or j == len(order) - 1:
             for b, res in zip(batch, _run_batch(base, [docs[b] for b in batch], window, device)):
                 out[b] = res
+            done += sum(len(docs[b][1]) for b in batch)
             if progress is not None:
-                progress.update(sum(len(docs[b][1]) for b in batch))
+                progress.update(min(done, positions) - progress.n)
             batch = []
     n = [h.shape[0] for h, _, _ in out]
     doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(n))[:positions]

@@ -108,10 +108,16 @@ class SparseLMHead(nn.Module):
             logits = sparse_logits(h, self.weight, self.active_ids, self.n_active)
         else:
             if self._pending:  # join the side stream only now, after the drafter's layers were queued
-                torch.cuda.current_stream(h.device).wait_event(self._ready)
-                self._pending = False
+                self._join_gather(h.device)
             logits = packed_logits(h, self.rows, self.n_active)
         return logits.squeeze(1) if squeeze else logits
+
+    @torch.compiler.disable
+    def _join_gather(self, device: torch.device) -> None:
+        """Make the current stream wait for the side-stream gather. Kept out of compiled graphs, which do not
+        preserve cross-stream event waits (a captured step would then leave the side stream unjoined)."""
+        torch.cuda.current_stream(device).wait_event(self._ready)
+        self._pending = False
 
     def token_ids(self, slots: Tensor) -> Tensor:
         """Map slot indices [B, ...] (or [1, ...] for a shared set) to token ids."""

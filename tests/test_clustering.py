@@ -24,7 +24,7 @@ def sklearn_fit(x, k, init, **kw):
     return sklearn_cluster.KMeans(k, init=init.numpy(), n_init=1, algorithm="lloyd", **kw).fit(x.numpy())
 
 
-@pytest.mark.parametrize("chunk", [None, 7, 500])
+@pytest.mark.parametrize("chunk", [None, 64])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lloyd_matches_sklearn_from_the_same_init(chunk, seed):
     x = blobs(seed=seed, spread=2.0)                       # overlapping blobs: many iterations
@@ -172,3 +172,46 @@ def test_fit_cluster_policy_partitions_the_fitted_vocabulary():
     assert max(members) < 50 and 2 not in members
     assert not set(policy.core_ids.tolist()) & set(members) and policy.core_ids.numel() == 5
     assert policy.num_clusters == 7 and policy.hidden_size == D
+
+
+def _cli_args(tmp_path, *extra):
+    import argparse
+
+    from microspec.cli import fit_clusters
+    parser = argparse.ArgumentParser()
+    fit_clusters.register(parser.add_subparsers())
+    return parser.parse_args(["fit-clusters", "--out", str(tmp_path / "c.safetensors"), "--clusters", "8",
+                              "--positions", "80", "--holdout-positions", "30", "--core", "4", "--epochs", "1",
+                              "--report-capacity", "12", "40", "--no-progress", *extra])
+
+
+def test_fit_clusters_command_pipeline(tmp_path):
+    """The command's pipeline on a tiny model: a saved policy that loads, and a report in [0, 1]."""
+    from microspec.cli import fit_clusters
+    from microspec.policies.cluster import ClusterPolicy
+    args = _cli_args(tmp_path)
+    words = ["alpha beta", "gamma delta epsilon", "zeta eta", "theta iota kappa lambda"]
+    train = [(f"q{i}", words[i % 4] * 3) for i in range(12)]
+    held = [(f"h{i}", words[(i + 1) % 4] * 2) for i in range(5)]
+    policy, rows, timings = fit_clusters.fit(tiny_model("llama"), _ByteTokenizer(), train, held, args, "cpu")
+    assert [r["capacity"] for r in rows] == [12, 40] and rows[0]["tokens"] > 0
+    for r in rows:
+        assert all(0 <= r[name] <= 1 for name in fit_clusters.COLUMNS)
+    assert rows[1]["static"] >= rows[0]["static"]                    # a bigger list covers at least as much
+    policy.save(args.out)
+    text = fit_clusters.format_report(rows, timings, args, policy, 123)
+    assert "static+ctx" in text and "routed+ctx" in text
+    loaded = ClusterPolicy.load(args.out, capacity=16)
+    assert loaded.num_clusters == 8 and loaded.hidden_size == 32 and loaded.core_ids.numel() == 4
+
+
+@pytest.mark.parametrize("extra,error", [(("--window", "4"), ValueError), (("--clusters", "0"), ValueError),
+                                         (("--holdout", "1.5"), ValueError), (("--model", "/nope/m.gguf"), FileNotFoundError)])
+def test_fit_clusters_command_rejects_bad_arguments(tmp_path, extra, error):
+    args = _cli_args(tmp_path, *extra)
+    with pytest.raises(error):
+        args.func(args)
+    bad_out = _cli_args(tmp_path)
+    bad_out.out = str(tmp_path / "missing" / "c.safetensors")
+    with pytest.raises(FileNotFoundError):
+        bad_out.func(bad_out)

@@ -176,10 +176,11 @@ def _full_vocab_reference(vocab: int, cost, step) -> dict:
 
 def _print(result, step, args, full) -> None:
     from microspec.tuning import head_latency_per_token
-    print(f"{'trial':>5}  {'params':<48} {'coverage':>8} {'mean|A|':>8} {'head us/tok':>11} {'tok/blk':>7} "
+    w = max([len("params")] + [len(json.dumps(t.params)) for t in result.pareto])
+    print(f"{'trial':>5}  {'params':<{w}} {'coverage':>8} {'mean|A|':>8} {'head us/tok':>11} {'tok/blk':>7} "
           f"{'util tok/ms':>11}")
     for t in sorted(result.pareto, key=lambda t: t.coverage):
-        print(f"{t.number:>5}  {json.dumps(t.params):<48} {t.coverage:>8.4f} {t.active_mean:>8.0f} "
+        print(f"{t.number:>5}  {json.dumps(t.params):<{w}} {t.coverage:>8.4f} {t.active_mean:>8.0f} "
               f"{head_latency_per_token(t, step.K):>11.2f} {t.tokens_per_block:>7.3f} {t.utility:>11.4f}"
               + ("" if t.feasible else "  (infeasible)"))
     print(f"full vocabulary: head {full['head_us']:.1f} us, {full['tokens_per_block']:.3f} tok/blk, "
