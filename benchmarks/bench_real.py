@@ -58,14 +58,16 @@ def spec_run(dec, ids, mask, new, eos):
     return run._sequences(ids, eos[0]), run._stats(), rate
 
 
-def first_mismatch_gap(model, expected, got, prompt_len):
-    """For rows that differ: the target's top-2 logit gap at the first differing position (bf16 near-tie?)."""
-    gaps = []
+def first_mismatch_gap(model, expected, got, mask):
+    """For rows that differ: the target's top-2 logit gap at the first differing position (bf16 near-tie?),
+    recomputed on the row's own tokens (left padding removed)."""
+    gaps, prompt_len = [], mask.shape[1]
     for row in range(expected.shape[0]):
         diff = (expected[row, prompt_len:] != got[row, prompt_len:]).nonzero()
         if diff.numel():
             col = prompt_len + int(diff[0])
-            logits = model(expected[row: row + 1, :col]).logits[0, -1].float()
+            start = int((mask[row] == 0).sum())
+            logits = model(expected[row: row + 1, start:col]).logits[0, -1].float()
             top2 = logits.topk(2).values
             gaps.append(float(top2[0] - top2[1]))
     return gaps
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
                         dec = SpecDecoder(model, drafter, make(), K, tokenizer=tokenizer, compile=compiled)
                         seqs, stats, rate = spec_run(dec, ids, mask, args.new_tokens, eos)
                         same = [bool(torch.equal(a, b)) for a, b in zip(seqs, expected)]
-                        gaps = first_mismatch_gap(model, expected, seqs, ids.shape[1]) if not all(same) else []
+                        gaps = first_mismatch_gap(model, expected, seqs, mask) if not all(same) else []
                         method = f"{dname}:{pname}" + ("+compile" if compiled else "")
                         rows.append(dict(batch=B, method=method, tok_s=rate, tau=stats.mean_accepted_length,
                                          coverage=stats.coverage, active=stats.mean_active_size,

@@ -364,7 +364,7 @@ def fit_cluster_policy(features: Tensor, hidden: Tensor, windows: Tensor, *, num
     k = min(num_clusters, ids.numel())
     bar = progress("k-means", 100) if progress else None
     km = kmeans(features[ids].to(device), k, max_iter=100, seed=seed, progress=bar)
-    table, sizes = cluster_table(km.labels, k, ids=ids, counts=counts)
+    table, _ = cluster_table(km.labels, k, ids=ids, counts=counts)
     cluster_of = torch.full((V,), -1, dtype=torch.long)
     cluster_of[ids] = km.labels.cpu()
     bar = progress("classifier", epochs * math.ceil(hidden.shape[0] / 256)) if progress else None

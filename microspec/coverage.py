@@ -10,7 +10,7 @@ the decoder's tensor layout (each row's prompt compacted to the left, padding on
     policy.setup(B, vocab_size, eos_ids, "cpu")
     policy.on_prefill(prompt_ids [B, L], prompt_mask [B, L], topk [B, L, k] | None, hidden=[B, D] | None)
     response token 0 (the target's prefill token):   check, then on_commit(ids [B, 1], mask, None, hidden)
-    then blocks of `block` (= K + 1) tokens:          ids, n = policy.active(); check; on_commit([B, block], ...)
+    then blocks of `block` (= K + 1) tokens:  ids, n = policy.active(); check; on_commit([B, block], ...)
 
 "check" counts a response token as covered when it is among the valid ids of its row's set as it stood
 before the token's block was committed. Every block is committed in full, as if every draft were accepted:
@@ -46,7 +46,8 @@ from torch import Tensor
 from .model_coverage import HookFeed, TargetTrace, check_traces, pad_rows
 from .policies.base import VocabPolicy
 
-__all__ = ["CoverageResult", "TargetTrace", "batch_order", "compare_at_same_size", "plot_coverage", "simulate"]
+__all__ = ["CoverageResult", "TargetTrace", "batch_order", "compare_at_same_size", "plot_coverage",
+           "simulate"]
 
 
 def _quantiles(x: Tensor, qs=(0.1, 0.5, 0.9)) -> list[float]:
@@ -219,7 +220,9 @@ def simulate(policy: VocabPolicy, pairs_token_ids, vocab_size: int, eos_ids=(), 
             covered[rows], tokens[rows] = cov, tok
     finally:
         torch.set_num_threads(threads)
-    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+
+    def cat(xs):
+        return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)
     return CoverageResult(covered, tokens, cat(active), cat(delta), time.perf_counter() - t0)
 
 

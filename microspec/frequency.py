@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,30 @@ def count_corpora(specs, tokenizer: Tokenizer, text_field: str | None = None, ch
     return FrequencyTable(counts, meta)
 
 
+def fit_ranking(specs, tokenizer: Tokenizer, text_field: str | None = None, eval_files=(),
+                allow_overlap: bool = False) -> Tensor:
+    """Ids most frequent first over the texts of `specs` -> int64 [n], for a static list or a core.
+
+    Keeps fitting and evaluation text apart: a corpus whose files are among `eval_files` raises ValueError
+    (with `allow_overlap`, a warning on stderr: the coverage measured would be inflated).
+    """
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
+    for spec in specs:
+        texts, files = load_texts(spec, text_field)
+        shared = set(eval_files).intersection(files)
+        if shared:
+            msg = (f"--fit {spec} shares {', '.join(map(str, sorted(shared)))} with the evaluation corpora: "
+                   "coverage would be measured on the fitting text")
+            if not allow_overlap:
+                raise ValueError(msg + " (pass --allow-fit-overlap to run anyway)")
+            print(f"WARNING: {msg}. Numbers are inflated.", file=sys.stderr)
+        counts += count_ids(tokenizer.encode_batch(texts), tokenizer.vocab_size)
+    if int(counts.sum()) == 0:
+        raise ValueError(f"empty fit corpus: {list(specs)}")
+    print(f"fit: {int(counts.sum())} tokens, {int((counts > 0).sum())} distinct ids", file=sys.stderr)
+    return ranked_ids_from_counts(counts)
+
+
 def save_table(table: FrequencyTable, path: str | os.PathLike) -> Path:
     """Write a table as safetensors (`counts` or `token_ids`, plus string metadata)."""
     from safetensors.torch import save_file
@@ -157,7 +182,7 @@ def import_token_map(path: str | os.PathLike, vocab_size: int | None = None) -> 
 
 def top_ids(ranked: Tensor, n: int, eos_ids=()) -> Tensor:
     """The first n ranked ids with every EOS id forced in (as FR-Spec does), replacing the least frequent
-    ones; order kept (most frequent first, forced EOS ids last if they were not already in) -> int64 [<= n]."""
+    ones; order kept (most frequent first, forced EOS ids last unless already in) -> int64 [<= n]."""
     if n < 1:
         raise ValueError(f"--top must be >= 1, got {n}")
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long).unique()

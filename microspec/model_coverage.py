@@ -18,7 +18,7 @@ verified position (NanoSpec's "Ext") are the target's guesses, not the reference
 in full (K + 1 tokens), the least frequent refresh.
 
     >>> traces = teacher_forced_traces(model, docs, topk=3, hidden=True)        # doctest: +SKIP
-    >>> simulate(InContextPolicy(2048, topk=3), docs, V, eos_ids=[2], traces=traces).coverage  # doctest: +SKIP
+    >>> simulate(InContextPolicy(2048, topk=3), docs, V, [2], traces=traces).coverage  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class TargetTrace:
 
 
 def pad_rows(seqs: list[Tensor], fill=0) -> tuple[Tensor, Tensor]:
-    """Right-pad tensors [n_i, *F] to [B, max(n_i, 1), *F] with `fill`, plus a bool mask [B, max] of real rows."""
+    """Right-pad tensors [n_i, *F] to [B, max(n_i, 1), *F] with `fill`; bool mask [B, max] of real rows."""
     B, L = len(seqs), max(1, max(s.shape[0] for s in seqs))
     out = torch.full((B, L, *seqs[0].shape[1:]), fill, dtype=seqs[0].dtype)
     mask = torch.zeros(B, L, dtype=torch.bool)
@@ -84,7 +84,8 @@ class HookFeed:
         self.Lp, self.T = prompt_len, resp_len                                          # [B], [B]
         if self.on:
             self.topk = pad_rows([t.topk[:, : self.k] for t in traces])[0] if self.k else None  # [B, N, k]
-            self.hidden = pad_rows([t.hidden for t in traces])[0] if policy.wants_hidden else None  # [B, N, D]
+            self.hidden = (pad_rows([t.hidden for t in traces])[0]                      # [B, N, D]
+                           if policy.wants_hidden else None)
 
     def _hidden_at(self, pos: Tensor) -> Tensor | None:
         if self.hidden is None:
@@ -272,7 +273,7 @@ def cached_traces(cache_dir, model, model_name: str, dtype: str, docs, k: int, h
 
 
 def save_traces(traces: list[TargetTrace], path) -> None:
-    """Traces as one safetensors file: topk int64 [sum N, k], offsets int64 [D + 1], hidden float32 [sum N, D]."""
+    """Traces as one safetensors file: topk int64 [sum N, k], offsets [D + 1], hidden float32 [sum N, D]."""
     from safetensors.torch import save_file
     offsets = torch.tensor([0] + [t.topk.shape[0] for t in traces]).cumsum(0)
     tensors = {"topk": torch.cat([t.topk for t in traces]).contiguous(), "offsets": offsets}
@@ -282,6 +283,7 @@ def save_traces(traces: list[TargetTrace], path) -> None:
 
 
 def load_traces(path) -> list[TargetTrace]:
+    """Inverse of `save_traces`."""
     from safetensors.torch import load_file
     t = load_file(str(path))
     o = t["offsets"].tolist()

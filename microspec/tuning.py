@@ -27,8 +27,8 @@ import json
 import math
 import os
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 # Measured on an H100 80GB (torch 2.11, project microbenchmark, ../shared/REFERENCES.md (e)): cuBLAS GEMV
 # over pre-gathered bf16 rows of d = 4096, and the dense 128256 x 4096 head.
@@ -141,7 +141,8 @@ def load_latency_table(path: str | os.PathLike, hidden: int | None = None) -> La
     if not os.path.isfile(path):
         raise FileNotFoundError(f"latency table not found: {path}")
     try:
-        obj = json.loads(open(path).read())
+        with open(path) as f:
+            obj = json.load(f)
     except ValueError as err:
         raise ValueError(f"{path}: not JSON ({err})") from err
     raw = obj.get("head_us", obj) if isinstance(obj, dict) else None
@@ -223,7 +224,7 @@ def head_latency_per_token(t: Trial, K: int) -> float:
 
 
 def pareto_front(trials: list[Trial], K: int) -> list[Trial]:
-    """Trials no other trial beats on both coverage (higher) and head latency per token (lower), by latency."""
+    """Trials no other trial beats on both coverage (higher) and head latency per token (lower), sorted."""
     pts = sorted(trials, key=lambda t: (head_latency_per_token(t, K), -t.coverage))
     front, best_cov = [], -1.0
     for t in pts:

@@ -11,7 +11,11 @@ from microspec.clustering import (assign, cluster_table, collect_states, fit_clu
                                   kmeans_plusplus, train_classifier, window_recall, window_targets)
 from tiny_models import tiny_model
 
-sklearn_cluster = pytest.importorskip("sklearn.cluster")
+
+
+@pytest.fixture
+def sk():
+    return pytest.importorskip("sklearn.cluster")
 
 
 def blobs(n=1200, d=6, centers=15, spread=1.0, seed=0, dtype=torch.float64):
@@ -20,49 +24,49 @@ def blobs(n=1200, d=6, centers=15, spread=1.0, seed=0, dtype=torch.float64):
     return mu[torch.randint(centers, (n,), generator=g)] + spread * torch.randn(n, d, generator=g, dtype=dtype)
 
 
-def sklearn_fit(x, k, init, **kw):
-    return sklearn_cluster.KMeans(k, init=init.numpy(), n_init=1, algorithm="lloyd", **kw).fit(x.numpy())
+def sklearn_fit(sk, x, k, init, **kw):
+    return sk.KMeans(k, init=init.numpy(), n_init=1, algorithm="lloyd", **kw).fit(x.numpy())
 
 
 @pytest.mark.parametrize("chunk", [None, 64])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_lloyd_matches_sklearn_from_the_same_init(chunk, seed):
+def test_lloyd_matches_sklearn_from_the_same_init(sk, chunk, seed):
     x = blobs(seed=seed, spread=2.0)                       # overlapping blobs: many iterations
     k = 12
     init = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k]]
     ours = kmeans(x, k, init=init, chunk=chunk)
-    ref = sklearn_fit(x, k, init)
+    ref = sklearn_fit(sk, x, k, init)
     assert ours.n_iter == ref.n_iter_ and ours.n_iter > 2
     assert torch.equal(ours.labels, torch.from_numpy(ref.labels_).long())
     assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-9)
     assert torch.allclose(ours.centroids, torch.from_numpy(ref.cluster_centers_), atol=1e-8)
 
 
-def test_tolerance_stop_matches_sklearn():
+def test_tolerance_stop_matches_sklearn(sk):
     x = blobs(n=2000, spread=3.0, seed=3)
     init = x[:20]
     ours = kmeans(x, 20, init=init, tol=1e-2)
-    ref = sklearn_fit(x, 20, init, tol=1e-2)
+    ref = sklearn_fit(sk, x, 20, init, tol=1e-2)
     assert ours.n_iter == ref.n_iter_
     assert torch.equal(ours.labels, torch.from_numpy(ref.labels_).long())
 
 
-def test_empty_cluster_is_reseeded_like_sklearn():
+def test_empty_cluster_is_reseeded_like_sklearn(sk):
     x = blobs(n=600, seed=4)
     init = torch.cat([x[:5], torch.full((1, x.shape[1]), 1e3, dtype=x.dtype)])   # far away: starts empty
     ours = kmeans(x, 6, init=init)
-    ref = sklearn_fit(x, 6, init)
+    ref = sklearn_fit(sk, x, 6, init)
     assert torch.bincount(ours.labels, minlength=6).min() > 0
     assert torch.equal(ours.labels, torch.from_numpy(ref.labels_).long())
     assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-9)
 
 
-def test_kmeans_plusplus_is_as_good_as_sklearns():
+def test_kmeans_plusplus_is_as_good_as_sklearns(sk):
     ours, theirs = [], []
     for seed in range(4):
         x = blobs(n=1500, d=8, centers=30, spread=1.5, seed=seed)
         ours.append(kmeans(x, 30, seed=seed).inertia)
-        theirs.append(sklearn_cluster.KMeans(30, n_init=1, random_state=seed).fit(x.numpy()).inertia_)
+        theirs.append(sk.KMeans(30, n_init=1, random_state=seed).fit(x.numpy()).inertia_)
     assert sum(ours) <= 1.03 * sum(theirs), (ours, theirs)
 
 

@@ -201,7 +201,8 @@ def test_summary_spread_and_delta_by_hand():
     s = res.summary()
     assert res.doc_coverage().tolist() == [0.5, 1.0]
     assert s["doc_coverage_mean"] == 0.75 and s["doc_coverage_p10"] == pytest.approx(0.55)
-    assert s["doc_coverage_p90"] == pytest.approx(0.95) and s["doc_coverage_std"] == pytest.approx(0.3536, abs=1e-4)
+    assert s["doc_coverage_p90"] == pytest.approx(0.95)
+    assert s["doc_coverage_std"] == pytest.approx(0.3536, abs=1e-4)
     assert s["delta_mean"] == 0 and s["active_std"] == 0
     # In-context, one document: slots change only when a new id arrives (prefill set {0, 1} fills nothing
     # between blocks): [4] | [4 9] | [9 2] -> after [4]: +4 (1 slot), after [4 9]: +9 (1 slot).
@@ -241,7 +242,8 @@ def test_cli_core_variants_plot_sample_custom(tiny, capsys):
     # core 4 cannot leave room at capacity 4: skipped; the custom policy is named after its class.
     assert labels == [("incontext", 4), ("incontext+core2", 4), ("incontext", 8), ("incontext+core2", 8),
                       ("incontext+core4", 8), ("InContextPolicy", 4), ("InContextPolicy", 8)]
-    assert data["mode"] == "text-only" and data["subsets"][tiny["eval"]] == sorted(data["subsets"][tiny["eval"]])
+    subset = data["subsets"][tiny["eval"]]
+    assert data["mode"] == "text-only" and subset == sorted(subset)
     assert len(data["subsets"][tiny["eval"]]) == 5 and all(r["docs"] == 5 for r in data["results"])
     assert {"doc_coverage_p10", "doc_coverage_p90", "active_p10", "delta_mean"} <= set(data["results"][0])
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -259,8 +261,8 @@ def test_cli_model_based_on_a_tiny_hf_model(tiny, capsys):
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from microspec.model_coverage import encode_pairs, teacher_forced_traces
     from microspec.data import load_pairs
+    from microspec.model_coverage import encode_pairs, teacher_forced_traces
     raw = Tokenizer.from_file(tiny["tok"])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="[UNK]")
     torch.manual_seed(0)
@@ -270,7 +272,8 @@ def test_cli_model_based_on_a_tiny_hf_model(tiny, capsys):
     model.save_pretrained(tiny["dir"] / "m")
     hf_tok.save_pretrained(tiny["dir"] / "m")
     out = tiny["dir"] / "m.json"
-    assert main(["coverage", tiny["eval"], "--model", str(tiny["dir"] / "m"), "--policy", "incontext,full,custom",
+    assert main(["coverage", tiny["eval"], "--model", str(tiny["dir"] / "m"),
+                 "--policy", "incontext,full,custom",
                  "--custom", "test_model_coverage:HiddenArgmaxPolicy", "--capacity", "6", "--topk", "2",
                  "--block", "3", "--max-tokens", "12", "--json", str(out), "--no-progress"]) == 0
     data = json.loads(out.read_text())
@@ -280,7 +283,8 @@ def test_cli_model_based_on_a_tiny_hf_model(tiny, capsys):
     assert all(r["tokens"] == 12 * 12 for r in data["results"])
     docs = encode_pairs(hf_tok, load_pairs(tiny["eval"]), chat_template=False, max_response_tokens=12)
     traces = teacher_forced_traces(model, docs, topk=2)
-    direct = simulate(InContextPolicy(6, topk=2), docs, len(WORDS) + 2, [len(WORDS) + 1], block=3, traces=traces)
+    direct = simulate(InContextPolicy(6, topk=2), docs, len(WORDS) + 2, [len(WORDS) + 1], block=3,
+                      traces=traces)
     assert rows["incontext-top2"]["coverage"] == direct.coverage
     text_only = simulate(InContextPolicy(6, topk=0), docs, len(WORDS) + 2, [len(WORDS) + 1], block=3)
     assert direct.coverage != text_only.coverage                   # the target's top-k did reach the policy

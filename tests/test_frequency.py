@@ -1,13 +1,14 @@
 """Frequency tables and token-map formats: counts by hand, save/load and format round trips, EOS forcing,
-conversions through `fit-frequency --import`, and the errors (missing files, wrong tokenizer, empty corpora)."""
+conversions through `fit-frequency --import`, and the errors (missing files, wrong tokenizer, empty
+corpora)."""
 import json
 
 import pytest
 import torch
 
 from microspec.cli.fit_frequency import main
-from microspec.frequency import (count_corpora, count_ids, export_top, import_token_map, load_table, save_table,
-                                 top_ids)
+from microspec.frequency import (count_corpora, count_ids, export_top, import_token_map, load_table,
+                                 save_table, top_ids)
 from microspec.policies import StaticFrequencyPolicy, load_token_map
 
 WORDS = ["[UNK]", "the", "cat", "sat", "on", "mat", "dog", "</s>"]       # ids 0..7, EOS 7
@@ -34,7 +35,8 @@ def _tok(tiny):
 
 
 def test_counts_by_hand_and_table_round_trip(tiny):
-    table = count_corpora([str(tiny / "fit.jsonl"), str(tiny / "lines.txt")], _tok(tiny), text_field="response")
+    table = count_corpora([str(tiny / "fit.jsonl"), str(tiny / "lines.txt")], _tok(tiny),
+                          text_field="response")
     # fit.jsonl responses: the 5, cat 3, sat 2, mat 1; lines.txt (plain lines, no field): dog 2, cat 1.
     assert table.counts.tolist() == [0, 5, 4, 2, 0, 1, 2, 0]
     assert table.ranked().tolist() == [1, 2, 3, 6, 5]                 # ties (sat, dog: 2) -> lower id first
@@ -97,7 +99,8 @@ def test_cli_errors(tiny, capsys):
     big = tiny / "big.json"
     big.write_text(json.dumps([1, 2, 500]))
     cases = [
-        ([str(tiny / "missing.jsonl"), "--tokenizer", tok, "--out", str(tiny / "o.safetensors")], "not found"),
+        ([str(tiny / "missing.jsonl"), "--tokenizer", tok, "--out", str(tiny / "o.safetensors")],
+         "not found"),
         ([fit, "--tokenizer", str(tiny / "nope.json"), "--out", str(tiny / "o.safetensors")], "not found"),
         (["--import", str(tiny / "nope.pt"), "--export", str(tiny / "o.json")], "not found"),
         ([str(tiny / "empty.jsonl"), "--tokenizer", tok, "--field", "response", "--out",

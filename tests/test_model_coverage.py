@@ -1,12 +1,13 @@
 """Model-based coverage: the harness hands a policy exactly what `SpecDecoder` hands it.
 
 The exact check: a `Recorder` policy wraps an inner policy, forwards every hook to it and logs the hook
-arguments and the inner set before each call, while exposing the *full* vocabulary to the decoder. With the
-drafter = the target (float64), every draft is then the target's argmax and is accepted, so the decoder commits
-full K + 1 blocks, which is what the harness assumes. Teacher-forcing the harness on the decoder's own greedy
-output must then reproduce the decoder's log call by call: same committed ids and masks, same top-k ids where
-the mask is set, the same hidden states (to float tolerance: other batch shapes) and the same inner sets.
-A hand-computed case with a Markov "LM" (known top-k, one-hot hidden states) pins the alignment independently.
+arguments and the inner set before each call, while exposing the *full* vocabulary to the decoder. With
+the drafter = the target (float64), every draft is then the target's argmax and is accepted, so the decoder
+commits full K + 1 blocks, which is what the harness assumes. Teacher-forcing the harness on the decoder's
+own greedy output must then reproduce the decoder's log call by call: same committed ids and masks, same
+top-k ids where the mask is set, the same hidden states (to float tolerance: other batch shapes) and the
+same inner sets. A hand-computed case with a Markov "LM" (known top-k, one-hot hidden states) pins the
+alignment independently.
 """
 import pytest
 import torch
@@ -101,8 +102,9 @@ def test_harness_feeds_hooks_exactly_as_the_decoder(make_inner):
     mask = torch.arange(L) >= (L - torch.tensor(lengths)).unsqueeze(1)                  # left padding
     eos = int(model.generate(ids[:1], do_sample=False, max_new_tokens=9)[0, -4])        # stops row 0 early
     dec_rec = Recorder(make_inner(), VOCAB)
-    out = SpecDecoder(model, model, dec_rec, K).generate(ids.masked_fill(~mask, PAD), attention_mask=mask.long(),
-                                                         max_new_tokens=14, eos_token_id=[eos, EOS])
+    out = SpecDecoder(model, model, dec_rec, K).generate(ids.masked_fill(~mask, PAD),
+                                                         attention_mask=mask.long(), max_new_tokens=14,
+                                                         eos_token_id=[eos, EOS])
     commits = [c for c in dec_rec.log if c[0] == "commit"]
     n_new = sum(c[4].sum(1) for c in commits)                                           # [B]
     assert out.stats.acceptance_rate == 1.0, out.stats                                  # full blocks
@@ -158,8 +160,8 @@ def test_hand_computed_markov_case():
     #   block [7]: missed. Then with response [3, 2, 3, 2, 3]: prefill {0, 2}; 3 missed; [2, 3]: 2 hit;
     #   commit's newest input = 2 -> {0, 2}; [2, 3]: 2 hit. 2 of 5.
     traces2 = teacher_forced_traces(model, [([1, 2], [3, 2, 3, 2, 3])], topk=0, hidden=True)
-    res = simulate(HiddenArgmaxPolicy(capacity=4), docs + [([1, 2], [3, 2, 3, 2, 3])], 8, eos_ids=[0], block=2,
-                   traces=traces + traces2)
+    res = simulate(HiddenArgmaxPolicy(capacity=4), docs + [([1, 2], [3, 2, 3, 2, 3])], 8, eos_ids=[0],
+                   block=2, traces=traces + traces2)
     assert res.covered.tolist() == [0, 2]
 
 
@@ -170,11 +172,13 @@ def test_text_only_ignores_model_inputs_and_errors():
         simulate(InContextPolicy(8, topk=2), docs, 8, eos_ids=[0],
                  traces=teacher_forced_traces(model, docs, topk=1))
     with pytest.raises(ValueError, match="hidden"):
-        simulate(HiddenArgmaxPolicy(4), docs, 8, eos_ids=[0], traces=teacher_forced_traces(model, docs, topk=0))
+        simulate(HiddenArgmaxPolicy(4), docs, 8, eos_ids=[0],
+                 traces=teacher_forced_traces(model, docs, topk=0))
     with pytest.raises(ValueError, match="empty prompt"):
         teacher_forced_traces(model, [([], [3])])
     with pytest.raises(ValueError, match="positions"):
-        simulate(InContextPolicy(8, topk=1), docs, 8, traces=[TargetTrace(torch.zeros(3, 1, dtype=torch.long))])
+        simulate(InContextPolicy(8, topk=1), docs, 8,
+                 traces=[TargetTrace(torch.zeros(3, 1, dtype=torch.long))])
     # Batching of the forwards does not change the traces.
     many = [([1 + i % 5] * (1 + i % 3), [(i + j) % 8 for j in range(2 + i)]) for i in range(7)]
     a = teacher_forced_traces(tiny_model("llama", vocab_size=8), many, topk=3, hidden=True, batch_tokens=1)

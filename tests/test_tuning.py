@@ -6,7 +6,7 @@ import json
 import pytest
 
 from microspec.cli.tune import main
-from microspec.tuning import (ARCHS, CostModel, StepModel, Trial, load_latency_table, pareto_front, tune)
+from microspec.tuning import ARCHS, CostModel, StepModel, Trial, load_latency_table, pareto_front, tune
 
 # A constructed case: coverage rises with capacity, with a knee at 1024.
 COVERAGE = {128: 0.50, 256: 0.70, 512: 0.85, 1024: 0.95, 2048: 0.96, 4096: 0.97}
@@ -139,6 +139,7 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
     assert main(argv[:-4] + ["--latency-table", str(lat)]) == 0
     assert "capped at the table's largest entry, 32" in capsys.readouterr().err
     for extra, message in ((["--latency-table", str(tmp_path / "none.json")], "not found"),
-                           (["--topk-choices", "3"], "need --model"), (["--min-coverage", "2"], "min-coverage")):
+                           (["--topk-choices", "3"], "need --model"),
+                           (["--min-coverage", "2"], "min-coverage")):
         assert main(argv[:-4] + extra) == 2
         assert message in capsys.readouterr().err

@@ -9,6 +9,7 @@ the data and policy plumbing here (`add_data_args`, `Setup`, `make_policy`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -56,20 +57,22 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpora", nargs="+", metavar="CORPUS", help="dataset names or files to evaluate on")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokenizer", metavar="PATH",
-                     help="text-only: tokenizer file or directory (HF tokenizer.json[.gz], tiktoken, SentencePiece)")
+                     help="text-only: tokenizer file or directory (HF tokenizer.json[.gz], tiktoken, "
+                          "SentencePiece)")
     src.add_argument("--model", metavar="MODEL",
                      help="model-based: 'smollm2', a .gguf file or a Hugging Face model directory")
-    p.add_argument("--tokenizer-kind", choices=("hf", "tiktoken", "sentencepiece"), help="skip format sniffing")
+    p.add_argument("--tokenizer-kind", choices=("hf", "tiktoken", "sentencepiece"),
+                   help="skip format sniffing")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
                    help="--model: weights dtype (default: float32)")
     p.add_argument("--trace-cache", metavar="DIR",
-                   help="--model: keep the model's top-k/hidden traces here and reuse them on identical inputs")
+                   help="--model: keep the model's top-k/hidden traces here; reuse them on identical inputs")
     p.add_argument("--no-chat-template", action="store_true",
                    help="--model: feed raw prompts (default: one user turn of the model's chat template)")
     p.add_argument("--block", type=int, default=6, metavar="K+1",
                    help="tokens committed per verification step (default: 6, i.e. K=5)")
     p.add_argument("--fit", nargs="+", action="extend", metavar="CORPUS",
-                   help="static/core: count token ids over these corpora's responses (must not be an eval file)")
+                   help="static/core: count token ids over these corpora's responses (not an eval file)")
     p.add_argument("--fit-field", metavar="FIELD", help="JSON field of --fit files holding the text")
     p.add_argument("--token-map", metavar="FILE",
                    help="static/core: ranked ids from a token map or frequency table, instead of --fit")
@@ -85,7 +88,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="documents simulated together (default: 64)")
     p.add_argument("--custom", metavar="MODULE:CALLABLE",
                    help="policy 'custom': a callable returning a VocabPolicy, called with capacity=C")
-    p.add_argument("--custom-arg", metavar="ARG", help="a first positional argument for --custom (e.g. a path)")
+    p.add_argument("--custom-arg", metavar="ARG", help="first positional argument for --custom (e.g. a path)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -112,7 +115,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 class Setup:
-    """Tokenized evaluation corpora (+ the model and its traces when model-based) and the frequency ranking."""
+    """Tokenized evaluation corpora (+ the model and its traces when model-based), the frequency ranking."""
 
     def __init__(self, args):
         from microspec.data import load_corpus, load_tokenizer
@@ -128,7 +131,8 @@ class Setup:
             from microspec.models import load_model
             self.model, hf_tok = load_model(args.model, getattr(torch, args.dtype))
             vocab = min(vocab_size_of(self.model), len(hf_tok))
-            self.tok = hf_tokenizer(hf_tok, vocab, model_eos_ids(self.model, hf_tok), f"{args.model} tokenizer")
+            eos = model_eos_ids(self.model, hf_tok)
+            self.tok = hf_tokenizer(hf_tok, vocab, eos, f"{args.model} tokenizer")
             self.describe = f"{type(self.model).__name__} ({args.model}, {args.dtype})"
             self.chat_template = not args.no_chat_template and bool(getattr(hf_tok, "chat_template", None))
         else:
@@ -161,17 +165,18 @@ class Setup:
 
     def traces(self, spec: str, k: int, hidden: bool):
         """Teacher-forced traces of one corpus with >= k top ids (and hidden states), computed once."""
-        from microspec.model_coverage import teacher_forced_traces
-        from microspec.model_coverage import cached_traces
+        from microspec.model_coverage import cached_traces, teacher_forced_traces
         have = self._traces.get(spec)
         if have is None or have[0] < k or (hidden and not have[1]):
             from tqdm import tqdm
             t0 = time.perf_counter()
             a = self.args
-            progress = tqdm(total=sum(len(p) + len(r) for p, r in self.datasets[spec]), unit="tok", leave=False,
-                            desc=f"model forward {spec}", disable=True if a.no_progress else None, file=sys.stderr)
+            docs = self.datasets[spec]
+            progress = tqdm(total=sum(len(p) + len(r) for p, r in docs), unit="tok", leave=False,
+                            desc=f"model forward {spec}", disable=True if a.no_progress else None,
+                            file=sys.stderr)
             if a.trace_cache:
-                tr = cached_traces(a.trace_cache, self.model, a.model, a.dtype, self.datasets[spec], k, hidden,
+                tr = cached_traces(a.trace_cache, self.model, a.model, a.dtype, docs, k, hidden,
                                    self.tok.vocab_size, progress)
                 k, hidden = tr[0].topk.shape[1], tr[0].hidden is not None
             else:
@@ -193,8 +198,9 @@ class Setup:
                 traces = self.traces(spec, policy.target_topk, policy.wants_hidden)
             elif policy.target_topk or policy.wants_hidden:
                 raise ValueError(f"{policy!r} needs the target's top-k or hidden states: run with --model")
-            results[spec] = simulate(policy, pairs, self.tok.vocab_size, self.tok.eos_ids, block=self.args.block,
-                                     batch_size=self.args.batch_size, progress=progress, traces=traces)
+            results[spec] = simulate(policy, pairs, self.tok.vocab_size, self.tok.eos_ids,
+                                     block=self.args.block, batch_size=self.args.batch_size,
+                                     progress=progress, traces=traces)
         if len(results) > 1:
             results["all"] = CoverageResult.merge(list(results.values()))
         return results
@@ -213,9 +219,8 @@ class Setup:
 
 def _ranking(args, tok, eval_files: set):
     """Ids most frequent first, from --token-map or by counting --fit corpora (checked against eval files)."""
-    from microspec.data import load_texts
-    from microspec.frequency import count_ids
-    from microspec.policies import load_token_map, ranked_ids_from_counts
+    from microspec.frequency import fit_ranking
+    from microspec.policies import load_token_map
 
     if args.token_map:
         ids = load_token_map(args.token_map)
@@ -225,23 +230,7 @@ def _ranking(args, tok, eval_files: set):
         return ids
     if not args.fit:
         raise ValueError("the static policy and --core need --fit CORPUS... or --token-map FILE")
-    counts, fitted = None, 0
-    for spec in args.fit:
-        texts, files = load_texts(spec, args.fit_field)
-        shared = eval_files.intersection(files)
-        if shared:
-            msg = (f"--fit {spec} shares {', '.join(map(str, sorted(shared)))} with the evaluation corpora: "
-                   "coverage would be measured on the fitting text")
-            if not args.allow_fit_overlap:
-                raise ValueError(msg + " (pass --allow-fit-overlap to run anyway)")
-            print(f"WARNING: {msg}. Numbers are inflated.", file=sys.stderr)
-        c = count_ids(tok.encode_batch(texts), tok.vocab_size)
-        counts = c if counts is None else counts + c
-        fitted += int(c.sum())
-    if fitted == 0:
-        raise ValueError(f"empty fit corpus: {args.fit}")
-    print(f"fit: {fitted} tokens, {int((counts > 0).sum())} distinct ids", file=sys.stderr)
-    return ranked_ids_from_counts(counts)
+    return fit_ranking(args.fit, tok, args.fit_field, eval_files, args.allow_fit_overlap)
 
 
 def make_policy(name: str, capacity: int, setup: Setup, topk: int = 0, core: int = 0, eviction="lru"):
@@ -255,7 +244,8 @@ def make_policy(name: str, capacity: int, setup: Setup, topk: int = 0, core: int
     if name == "static":
         return StaticFrequencyPolicy(setup.ranked(), capacity=capacity)
     if name == "incontext":
-        return InContextPolicy(capacity=capacity, topk=topk, eviction=None if eviction == "none" else eviction,
+        return InContextPolicy(capacity=capacity, topk=topk,
+                               eviction=None if eviction == "none" else eviction,
                                core_ids=setup.ranked()[:core] if core else None)
     if name == "custom":
         spec = setup.args.custom
@@ -291,9 +281,11 @@ def _runs(args, setup: Setup) -> list[tuple[str, str, int, dict]]:
             for topk in topks:
                 for core in dict.fromkeys(args.core or [0]):
                     if core >= cap:
-                        print(f"skipping incontext C={cap} core {core}: the core fills the set", file=sys.stderr)
+                        print(f"skipping incontext C={cap} core {core}: the core fills the set",
+                              file=sys.stderr)
                         continue
-                    label = "incontext" + (f"-top{topk}" if args.model else "") + (f"+core{core}" if core else "")
+                    label = ("incontext" + (f"-top{topk}" if args.model else "")
+                             + (f"+core{core}" if core else ""))
                     runs.append((label, name, cap, {"topk": topk, "core": core, "eviction": args.eviction}))
     return runs
 
@@ -323,7 +315,7 @@ def _table(rows: list[dict]) -> str:
              "-" if r.get("static_at_same_size") is None else f"{r['static_at_same_size']:.4f}",
              f"{r['seconds']:.1f}") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = "  ".join("{:<%d}" % w if i < 3 else "{:>%d}" % w for i, w in enumerate(widths))
+    line = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
     rule = line.format(*("-" * w for w in widths))
     return "\n".join([line.format(*head), rule] + [line.format(*b) for b in body])
 
@@ -338,8 +330,9 @@ def run(args) -> int:
     setup = Setup(args)
     runs = _runs(args, setup)
     tok = setup.tok
-    print(f"tokenizer {tok.name} ({tok.kind}, vocab {tok.vocab_size}, eos {tok.eos_ids}); {len(setup.datasets)} "
-          f"corpora, {setup.n_tokens} response tokens; {setup.describe or 'text-only'}", file=sys.stderr)
+    print(f"tokenizer {tok.name} ({tok.kind}, vocab {tok.vocab_size}, eos {tok.eos_ids}); "
+          f"{len(setup.datasets)} corpora, {setup.n_tokens} response tokens; "
+          f"{setup.describe or 'text-only'}", file=sys.stderr)
     if any(name == "static" or kw.get("core") for _, name, _, kw in runs):
         setup.ranked()
     rows = []
@@ -347,16 +340,17 @@ def run(args) -> int:
               file=sys.stderr) as bar:
         for label, name, cap, kw in runs:
             bar.set_description(f"{label} C={cap}")
-            made = []
-            results = setup.evaluate(lambda: made.append(make_policy(name, cap, setup, **kw)) or made[-1],
-                                     progress=bar)
-            label = type(made[0]).__name__ if name == "custom" else label
+            make = functools.partial(make_policy, name, cap, setup, **kw)
+            results = setup.evaluate(make, progress=bar)
+            label = type(make()).__name__ if name == "custom" else label
             for spec, res in results.items():
                 rows.append({"policy": label, "capacity": cap, "dataset": spec, **res.summary()})
     compare_at_same_size(rows)
     print(_table(rows))
-    print(f"total {time.perf_counter() - t0:.1f}s (model forwards {setup.trace_seconds:.1f}s)", file=sys.stderr)
-    meta = {**setup.meta(), "oracle_free": not args.model, "eviction": args.eviction, "core": args.core or [0],
+    print(f"total {time.perf_counter() - t0:.1f}s (model forwards {setup.trace_seconds:.1f}s)",
+          file=sys.stderr)
+    meta = {**setup.meta(), "oracle_free": not args.model, "eviction": args.eviction,
+            "core": args.core or [0],
             "target_topk": (args.topk or [3]) if args.model else None,
             "seconds": round(time.perf_counter() - t0, 1)}
     if args.json:
@@ -364,5 +358,6 @@ def run(args) -> int:
             json.dump({**meta, "results": rows}, f, indent=1)
     if args.plot:
         mode = "model-based, " + setup.describe if args.model else "text-only"
-        plot_coverage(rows, args.plot, f"coverage vs mean active size: {tok.name} ({mode}), block {args.block}")
+        plot_coverage(rows, args.plot,
+                      f"coverage vs mean active size: {tok.name} ({mode}), block {args.block}")
     return 0

@@ -30,7 +30,8 @@ Keep fitting and evaluation text apart: the project's split fits on
 
 examples:
   python -m microspec.cli.fit_frequency alpaca:gpt4_1106_preview alpaca:text_davinci_003 gsm8k:train \\
-      --tokenizer ../shared/data/tokenizers/llama3 --out llama3_freq.safetensors --export freq_32768.pt --top 32768
+      --tokenizer ../shared/data/tokenizers/llama3 --out llama3_freq.safetensors \\
+      --export freq_32768.pt --top 32768
   python -m microspec.cli.fit_frequency --import freq_32768.pt --export freq_32768.json --top 32768 \\
       --tokenizer ../shared/data/tokenizers/llama3          # convert FR-Spec .pt -> vLLM .json
 """
@@ -43,13 +44,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("corpora", nargs="*", metavar="CORPUS", help="dataset names or files to count over")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer file or directory (required for counting; with --import, checks the ids)")
-    p.add_argument("--tokenizer-kind", choices=("hf", "tiktoken", "sentencepiece"), help="skip format sniffing")
+    p.add_argument("--tokenizer-kind", choices=("hf", "tiktoken", "sentencepiece"),
+                   help="skip format sniffing")
     p.add_argument("--field", metavar="FIELD", help="JSON field holding the text in corpus files")
     p.add_argument("--out", metavar="FILE.safetensors", help="write the table here")
     p.add_argument("--import", dest="import_path", metavar="FILE",
-                   help="read a token map (.pt/.pth, .json, .txt, .safetensors counts/ids/d2t) instead of counting")
-    p.add_argument("--export", metavar="FILE", help="write the top --top ids (.pt, .json, .txt, .safetensors)")
-    p.add_argument("--top", type=int, metavar="N", help="how many ids --export writes (default: all ranked ids)")
+                   help="read a token map (.pt/.pth, .json, .txt, .safetensors counts/ids/d2t) instead of "
+                        "counting")
+    p.add_argument("--export", metavar="FILE",
+                   help="write the top --top ids (.pt, .json, .txt, .safetensors)")
+    p.add_argument("--top", type=int, metavar="N",
+                   help="how many ids --export writes (default: all ranked ids)")
     p.add_argument("--no-eos", action="store_true", help="do not force the tokenizer's EOS ids into --export")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -101,7 +106,8 @@ def run(args) -> int:
             print(f"WARNING: --top {n} but only {ranked.numel()} ids ever occurred; exporting those",
                   file=sys.stderr)
         ids = export_top(ranked, args.export, n, eos)
-        print(f"wrote {args.export}: {ids.numel()} ids (EOS {eos if eos else 'not'} forced in)", file=sys.stderr)
+        print(f"wrote {args.export}: {ids.numel()} ids (EOS {eos if eos else 'not'} forced in)",
+              file=sys.stderr)
     return 0
 
 

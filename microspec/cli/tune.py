@@ -55,11 +55,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--core-max-frac", type=float, default=0.5,
                    help="incontext: core size up to this fraction of the capacity (0: no core; default 0.5)")
     p.add_argument("--arch", choices=("llama3-8b", "qwen2-7b", "smollm2-135m"), default="llama3-8b",
-                   help="target/drafter dimensions for the cost model (default: llama3-8b, as the H100 numbers)")
-    p.add_argument("--latency-table", metavar="FILE", help="measured head latency JSON (format: docs/tuning.md)")
+                   help="target/drafter dimensions for the cost model (default: llama3-8b, as the H100 "
+                        "numbers)")
+    p.add_argument("--latency-table", metavar="FILE",
+                   help="measured head latency JSON (format: docs/tuning.md)")
     p.add_argument("--bandwidth", type=float, metavar="B/s", help="cost model: override 3.0e12 bytes/s")
     p.add_argument("--fixed-us", type=float, help="cost model: override the fixed GEMV term (11.06 us)")
-    p.add_argument("--layers-us", type=float, help="drafter layers per drafted token (default: EAGLE estimate)")
+    p.add_argument("--layers-us", type=float,
+                   help="drafter layers per drafted token (default: EAGLE estimate)")
     p.add_argument("--include-verify", action="store_true",
                    help="add the target's verification to the block time (default: draft-only utility)")
     p.add_argument("-K", type=int, default=5, help="drafts per block (default: 5; --block defaults to K+1)")
@@ -85,8 +88,10 @@ def _suggest_fn(args, vocab: int):
         if args.policy == "incontext":
             params["topk"] = trial.suggest_categorical("topk", topks)
             params["eviction"] = trial.suggest_categorical("eviction", args.eviction_choices)
-            frac = trial.suggest_float("core_frac", 0.0, args.core_max_frac) if args.core_max_frac > 0 else 0.0
-            params["core"] = int(round(frac * params["capacity"] / 64)) * 64   # 64-id steps: fewer repeats
+            frac = 0.0
+            if args.core_max_frac > 0:
+                frac = trial.suggest_float("core_frac", 0.0, args.core_max_frac)
+            params["core"] = round(frac * params["capacity"] / 64) * 64   # 64-id steps: fewer repeats
         return params
     return suggest
 
@@ -189,8 +194,8 @@ def _print(result, step, args, full) -> None:
         print(f"no trial reached coverage {args.min_coverage}", file=sys.stderr)
         return
     b = result.best
-    print(f"best (coverage >= {args.min_coverage}): {json.dumps(b.params)}  coverage {b.coverage:.4f}, utility "
-          f"{b.utility:.4f} tok/ms = {b.utility / full['utility']:.2f}x the full-vocabulary head")
+    print(f"best (coverage >= {args.min_coverage}): {json.dumps(b.params)}  coverage {b.coverage:.4f}, "
+          f"utility {b.utility:.4f} tok/ms = {b.utility / full['utility']:.2f}x the full-vocabulary head")
 
 
 def main(argv: list[str] | None = None) -> int:

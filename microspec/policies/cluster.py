@@ -40,6 +40,7 @@ anyway; docs/cluster_policy.md describes the engine change that would let it ove
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -62,7 +63,7 @@ class MetaClassifier(nn.Module):
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("inv_std", torch.ones(in_features))
         dims = [in_features, hidden_units, num_clusters] if hidden_units else [in_features, num_clusters]
-        layers = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
+        layers = [nn.Linear(a, b) for a, b in itertools.pairwise(dims)]
         self.net = nn.Sequential(*([layers[0], nn.GELU(), layers[1]] if hidden_units else layers))
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -278,7 +279,7 @@ class ClusterPolicy(VocabPolicy):
         save_file({a: b.contiguous() for a, b in tensors.items()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, capacity: int, **overrides) -> "ClusterPolicy":
+    def load(cls, path: str | os.PathLike, capacity: int, **overrides) -> ClusterPolicy:
         """Read a policy saved by `save` (or `microspec fit-clusters`). `overrides` replace saved settings:
         fill, freq_weight, context, size_penalty."""
         from safetensors import safe_open

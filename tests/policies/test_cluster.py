@@ -270,14 +270,14 @@ def test_greedy_decoding_with_cluster_policy_equals_target(family, drafter, capa
 @pytest.mark.gpu
 def test_cuda_graph_decoding_with_cluster_policy_equals_target():
     """On CUDA the whole step (classifier and slot-stable install included) is captured in a graph."""
-    target = tiny_model("llama", seed=0).cuda()
-    ids, mask = _prompts(4, seed=1)
-    ids, mask = ids.cuda(), mask.cuda()
+    target = tiny_model("llama", seed=0)
+    policy = tiny_cluster_policy(target, capacity=24)
+    drafter = noisy_copy(target, 0.3).cuda()
+    target = target.cuda()
+    ids, mask = (t.cuda() for t in _prompts(4, seed=1))
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=[EOS],
                                pad_token_id=PAD)
-    policy = tiny_cluster_policy(target.cpu(), capacity=24)
-    target.cuda()
-    decoder = SpecDecoder(target, noisy_copy(target, 0.3), policy, 3, cuda_graph=True)
+    decoder = SpecDecoder(target, drafter, policy, 3, cuda_graph=True)
     for _ in range(2):   # the second call replays the captured step on reused buffers
         out = decoder.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[EOS], pad_token_id=PAD)
         assert torch.equal(out.sequences, expected)
