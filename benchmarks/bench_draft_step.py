@@ -28,7 +28,7 @@ from microspec.sampling import SamplingConfig  # noqa: E402
 K = 5
 
 
-def filled_run(drafter, policy, B: int, prompt_len: int, async_gather: bool = True, compile: bool = False):
+def filled_run(drafter, policy, B: int, prompt_len: int, async_gather: bool = False, compile: bool = False):
     """A started DecodeRun whose active set is full (n_active = capacity) for per-request policies."""
     dev = next(drafter.parameters()).device
     V = drafter.config.vocab_size

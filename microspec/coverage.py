@@ -293,6 +293,7 @@ def plot_coverage(rows: list[dict], path, title: str = "") -> None:
     coverage command writes them. A policy seen at one capacity only (full vocabulary) is one marker.
     """
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -309,6 +310,7 @@ def plot_coverage(rows: list[dict], path, title: str = "") -> None:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", ms=4, label=pol, color=plt.cm.tab10(i % 10))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())    # no crowded minor labels
         ax.set_title(ds, fontsize=10)
         ax.set_xlabel("mean active size (rows scored)")
         ax.set_ylabel("coverage of response tokens")

@@ -87,6 +87,8 @@ class SpecDecoder:
         prefill_chunk: prompt positions per prefill forward (bounds the [B, chunk, V] logits).
         cuda_graph: capture the whole decode step in a CUDA graph and replay it (CUDA only; default on).
         async_gather: copy newly admitted head rows on a side CUDA stream, overlapping the drafter's layers.
+            Off by default: on the H100 the stream fork/join inside a captured step cost more than the copy of
+            the few dozen rows an update admits (docs/benchmarks.md, "Async gather").
         compile: run the decode-step forwards of both models through `torch.compile` (Inductor fuses each
             layer's small element-wise kernels; the first generate call pays the compilation).
 
@@ -97,7 +99,7 @@ class SpecDecoder:
 
     def __init__(self, target: nn.Module, drafter: nn.Module, policy: VocabPolicy, num_speculative_tokens: int = 4,
                  *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512,
-                 cuda_graph: bool = True, async_gather: bool = True, compile: bool = False):
+                 cuda_graph: bool = True, async_gather: bool = False, compile: bool = False):
         if not isinstance(policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy, got {type(policy).__name__}")
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:

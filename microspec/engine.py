@@ -3,7 +3,7 @@
 One decode step (`step`), for all rows at once, with static shapes and no host sync:
 
     ids, n_act = policy.active()       the set for this block (fixed while drafting)
-    head.refresh()                     delta-gather the new rows (side stream on CUDA)
+    head.refresh()                     delta-gather the new rows (optionally on a side CUDA stream)
     draft K tokens over `ids`          the drafter first re-reads [previous, last] committed tokens, so its
                                        cache is right whether or not the last block's final draft survived
     verify [last, d1..dK]              the target scores K+1 positions over its full vocabulary

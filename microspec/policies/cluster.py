@@ -217,15 +217,16 @@ class ClusterPolicy(VocabPolicy):
         lp = nn.functional.logsigmoid(logits)
         return lp if self.fill == "tokens" else lp - self.size_penalty * self._log_size
 
-    def _select(self, lp: Tensor, seen: Tensor | None = None) -> Tensor:
-        """Candidate ids [B, n_c] for cluster scores lp [B, k] (and context bitmap seen [B, V]), best first."""
+    def _select(self, lp: Tensor, seen: Tensor | None = None, ordered: bool = False) -> Tensor:
+        """Candidate ids [B, n_c] for cluster scores lp [B, k] and context bitmap seen [B, V] (best first
+        when `ordered`; the install does not need the order, and an unsorted `topk` is cheaper)."""
         if self.fill == "tokens":
             lp = torch.nan_to_num(lp, nan=_FLOOR).clamp(_FLOOR, 0.0)
             lp = torch.cat([lp, torch.full_like(lp[:, :1], 0.0)], dim=1)               # column k: unclustered
             s = lp[:, self._cluster_of] + self._base                                     # [B, V]
             if seen is not None:
                 s = s + seen * _BONUS
-            return torch.topk(s, self._n_c, dim=1).indices
+            return torch.topk(s, self._n_c, dim=1, sorted=ordered).indices
         big = torch.finfo(torch.float32).max          # any finite score beats an empty cluster (-inf)
         s = torch.nan_to_num(lp.float(), nan=-big, posinf=big, neginf=-big) + self._bias
         B, n_c = s.shape[0], self._n_c
@@ -245,8 +246,10 @@ class ClusterPolicy(VocabPolicy):
         stay = self._want.gather(1, cur)                                                 # resident and wanted
         self._want.scatter_(1, cand, False)
         new = self._slot_of.gather(1, cand) < 0                                           # [B, n_c]
-        # |new| == |leaving| per row (both sets hold n_c ids): leaving slots, lowest first, take new ids.
-        free = torch.sort(stay.to(torch.int8), dim=1, stable=True).indices
+        # |new| == |leaving| per row (both sets hold n_c ids): the r-th new id takes the r-th leaving slot.
+        leave = ~stay
+        free = torch.full((cand.shape[0], n_c + 1), C, dtype=torch.long, device=cand.device)  # r -> slot
+        free.scatter_(1, torch.where(leave, leave.cumsum(1) - 1, n_c), self._pos.expand_as(cand))
         dest = torch.where(new, free.gather(1, (new.cumsum(1) - 1).clamp_(min=0)), C)    # C: sink slot
         old = self._ids.gather(1, dest)
         self._slot_of.scatter_(1, torch.where(new, old, V), -1)
@@ -263,7 +266,7 @@ class ClusterPolicy(VocabPolicy):
         if not self._n_c:
             return pinned.clone()
         lp = self.scores(hidden) if hidden is not None else self._initial_scores(B)
-        return torch.cat([pinned, self._select(lp, seen if self.context else None)], dim=1)
+        return torch.cat([pinned, self._select(lp, seen if self.context else None, ordered=True)], dim=1)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
