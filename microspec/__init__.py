@@ -9,7 +9,7 @@
 """
 from .decoder import SpecDecoder, check_vocabularies
 from .outputs import GenerateOutput, SpecStats
-from .policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, VocabPolicy
+from .policies import ClusterPolicy, FullVocab, InContextPolicy, StaticFrequencyPolicy, VocabPolicy
 from .sampling import SamplingConfig
 from .sparse_head import HeadSwap, SparseLMHead, sparsify_lm_head_
 
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SpecDecoder", "GenerateOutput", "SpecStats", "SamplingConfig", "check_vocabularies",
     "SparseLMHead", "HeadSwap", "sparsify_lm_head_",
-    "VocabPolicy", "FullVocab", "StaticFrequencyPolicy", "InContextPolicy",
+    "VocabPolicy", "FullVocab", "StaticFrequencyPolicy", "InContextPolicy", "ClusterPolicy",
 ]

@@ -39,7 +39,8 @@ def noisy_copy(model: nn.Module, scale: float, seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std().clamp_min(1e-3))
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)   # CPU generator: any device
+            p.add_(noise * scale * p.std().clamp_min(1e-3))
     return other
 
 

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+# The ClusterPolicy trained for SmolLM2 by `microspec fit-clusters` (docs/cluster_policy.md), in a checkout.
+SMOLLM2_CLUSTERS = Path(__file__).resolve().parents[2] / "docs" / "results" / "cluster_policy_smollm2_2026-11-22.safetensors"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,13 +28,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_policy_args(parser: argparse.ArgumentParser, default_policy: str) -> None:
     parser.add_argument("--policy", default=default_policy,
-                        help="comma list of: full, static, incontext, incontext+core (default: %(default)s)")
+                        help="comma list of: full, static, incontext, incontext+core, cluster (default: %(default)s)")
     parser.add_argument("--capacity", type=int, default=1024, help="active-set capacity (default: 1024)")
     parser.add_argument("--topk", type=int, default=3, help="in-context policy: target top-k per position")
     parser.add_argument("--eviction", choices=["lru", "fifo", "none"], default="lru")
     parser.add_argument("--token-map", default=None,
                         help="static policy: a token map (FR-Spec .pt, .json, .txt, .safetensors); otherwise "
                              "counts from the shared fitting corpora")
+    parser.add_argument("--cluster", default=None, metavar="FILE",
+                        help="cluster policy: a file from `microspec fit-clusters` (default for SmolLM2 in a "
+                             "checkout: docs/results/cluster_policy_smollm2_2026-11-22.safetensors)")
 
 
 def resolve_dtype(args) -> torch.dtype:
@@ -78,7 +85,7 @@ def frequency_ranking(tokenizer, vocab_size: int):
 
 def build_policies(args, tokenizer, vocab_size: int) -> dict:
     """name -> policy for every name in --policy."""
-    from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+    from microspec.policies import ClusterPolicy, FullVocab, InContextPolicy, StaticFrequencyPolicy
     ranking = None
 
     def ranked():
@@ -105,6 +112,11 @@ def build_policies(args, tokenizer, vocab_size: int) -> dict:
         elif name == "incontext+core":
             core = ranked()[: args.capacity // 4]
             policies[f"incontext+core@{args.capacity}"] = InContextPolicy(args.capacity, args.topk, eviction, core)
+        elif name == "cluster":
+            path = args.cluster or (SMOLLM2_CLUSTERS if args.model == "smollm2" else None)
+            if path is None or not Path(path).is_file():
+                raise FileNotFoundError(f"cluster policy file not found ({path}); train one with microspec fit-clusters")
+            policies[f"cluster@{args.capacity}"] = ClusterPolicy.load(path, args.capacity)
         else:
-            raise ValueError(f"unknown policy {name!r}: use full, static, incontext, incontext+core")
+            raise ValueError(f"unknown policy {name!r}: use full, static, incontext, incontext+core, cluster")
     return policies

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="run every policy on real weights and check losslessness",
                        description=__doc__)
     add_model_args(p)
-    add_policy_args(p, default_policy="full,static,incontext,incontext+core")
+    add_policy_args(p, default_policy="full,static,incontext,incontext+core,cluster")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many built-in prompts (<= {len(PROMPTS)})")
     p.set_defaults(func=run)
