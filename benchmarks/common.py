@@ -36,28 +36,7 @@ def time_us(fn, *, graph: bool = False, reps: int = 100, warmup_ms: int = 25, re
     if not graph:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    inner = 20
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(max(5, reps // inner)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(times)
+    return time_us_rotating([fn], calls=20, reps=max(5, reps // 20))
 
 
 def copies_beyond_l2(nbytes: int, cap: int = 64) -> int:
@@ -71,9 +50,10 @@ def time_us_rotating(fns, calls: int = 64, reps: int = 20) -> float:
         return time_us(fns[0])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
+    with torch.cuda.stream(side):                       # warm-up (compilation, autotuning) off the capture
+        for _ in range(3):
+            for fn in fns:
+                fn()
     torch.cuda.current_stream().wait_stream(side)
     calls = max(calls, len(fns))
     g = torch.cuda.CUDAGraph()

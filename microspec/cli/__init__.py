@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "generate", "coverage", "fit-frequency", "fit-clusters", "tune")
+COMMANDS = ("demo", "generate", "coverage", "fit-frequency", "fit-clusters", "tune", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
