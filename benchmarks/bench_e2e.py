@@ -60,9 +60,14 @@ def make_policy(label: str, vocab: int):
     if label == "dense":
         return FullVocab()
     kind, C = label.split("@")
+    ranking = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))   # random weights: any order
     if kind == "static":
-        return StaticFrequencyPolicy(torch.randperm(vocab, generator=torch.Generator().manual_seed(1)), int(C))
-    return InContextPolicy(int(C), topk=3)
+        return StaticFrequencyPolicy(ranking, int(C))
+    if kind == "incontext+core":
+        return InContextPolicy(int(C), topk=3, core_ids=ranking[: int(C) // 4])
+    if kind == "incontext":
+        return InContextPolicy(int(C), topk=3)
+    raise ValueError(f"unknown policy label {label!r}")
 
 
 def prompts(B, L, vocab, device):

@@ -1,17 +1,8 @@
 """`SpecDecoder`: chain speculative decoding with a policy-chosen draft vocabulary, lossless by construction.
 
-One decode step (`_step`), for every row of the batch at once, with static shapes and no host sync:
-
-    ids, n = policy.active()            the set for this block (fixed while drafting)
-    head.refresh()                      delta-gather the new rows (side stream on CUDA)
-    draft K tokens over `ids`           the drafter re-reads [previous, last] committed tokens first, so its
-                                        cache is right whether or not the last block's final draft survived
-    verify [last, d1..dK] with the target over its full vocabulary
-    commit accepted prefix + corrected/bonus token, truncated at EOS and at the token budget
-    policy.on_commit(committed tokens, target top-k at committed positions)
-
-State per row: `tokens` [B, S] holds prompt and generated tokens compacted to the left (position = slot),
-`n` [B] the committed length, `generated` [B], `done` [B]. S = longest prompt + max_new_tokens + K + 1.
+This file holds the public object: it checks that target and drafter share a vocabulary, installs the sparse
+head on a shallow copy of the drafter, validates every input of `generate` before anything runs on the
+device, and hands one request batch to `engine.DecodeRun`, where the decode step lives.
 """
 from __future__ import annotations
 

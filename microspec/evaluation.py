@@ -33,9 +33,10 @@ from .sampling import SamplingConfig
 # each question is the user message (chat template applied). Spec-Bench's first 80 questions are MT-bench, so
 # MT-bench is taken from its own file and Spec-Bench contributes its five other categories. Summarization and
 # RAG take the shortest articles (prefill on two CPU cores is the cost); MT-bench the first question of its
-# writing, coding and reasoning categories; every other task its first ids.
+# writing, coding and reasoning categories (writing's first, 81, is also an AlpacaEval instruction whose
+# answers are in the fitting corpora, so 82); every other task its first ids. `check_disjoint` verifies.
 SUBSET: dict[str, tuple[str, tuple[int, ...]]] = {
-    "mt_bench": ("mt_bench/question.jsonl", (81, 121, 101)),
+    "mt_bench": ("mt_bench/question.jsonl", (82, 121, 101)),
     "translation": ("spec_bench/question.jsonl", (161, 162, 163)),
     "summarization": ("spec_bench/question.jsonl", (277, 275, 268)),
     "qa": ("spec_bench/question.jsonl", (321, 322, 323)),
@@ -114,65 +115,17 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar prompt length (less padding in the prefill)."""
+def length_batches(lengths: list[int], batch_size: int, max_ratio: float | None = None) -> list[list[int]]:
+    """Indices sorted by prompt length and cut into batches of at most `batch_size` (less padding in the
+    prefill); with `max_ratio`, a batch also ends before a prompt longer than max_ratio x its shortest."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------- policies
-def hf_tokenizer_adapter(tokenizer, name: str):
-    """A Hugging Face tokenizer behind `microspec.data.Tokenizer`, so `microspec.frequency` can count with
-    the model's own tokenizer (text encoded without special tokens)."""
-    from .data import Tokenizer
-    eos = tokenizer.eos_token_id
-    return Tokenizer(name, "hf", len(tokenizer), [] if eos is None else [int(eos)],
-                     lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"],
-                     lambda ids: tokenizer.decode(ids))
-
-
-def frequency_ranking(tokenizer, name: str, cache: Path | None = None):
-    """Ids ranked by count over `FITTING_CORPORA` with the model's tokenizer -> (int64 [n], table metadata).
-    The counts are kept as a `microspec.frequency` safetensors table at `cache` and reused when its
-    tokenizer name, vocabulary size and corpora match."""
-    from .frequency import count_corpora, load_table, save_table
-    if cache is not None and Path(cache).is_file():
-        table = load_table(cache)
-        if (table.meta.get("tokenizer"), table.meta.get("vocab_size"), table.meta.get("corpora")) == \
-                (name, len(tokenizer), list(FITTING_CORPORA)):
-            return table.ranked(), {**table.meta, "cache": str(cache), "cached": True}
-    table = count_corpora(list(FITTING_CORPORA), hf_tokenizer_adapter(tokenizer, name))
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        save_table(table, cache)
-    return table.ranked(), {**table.meta, "cache": str(cache), "cached": False}
-
-
-def policy_from_label(label: str, ranking: Tensor | None = None, cluster_file=None, topk: int = 3,
-                      core: int | None = None):
-    """"full", "static@C", "incontext@C", "incontext+core@C" (core: the `core` most frequent ids, default
-    C // 4 as in `microspec demo`), "cluster@C" (a `ClusterPolicy` file) -> a fresh policy."""
-    from .policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-    if label == "full":
-        return FullVocab()
-    kind, _, cap = label.partition("@")
-    if not cap.isdigit() or int(cap) < 1:
-        raise ValueError(f"policy {label!r}: expected full or <kind>@<capacity>")
-    C = int(cap)
-    if kind in ("static", "incontext+core") and ranking is None:
-        raise ValueError(f"policy {label!r} needs a frequency ranking")
-    if kind == "static":
-        return StaticFrequencyPolicy(ranking, C)
-    if kind == "incontext":
-        return InContextPolicy(C, topk, "lru")
-    if kind == "incontext+core":
-        return InContextPolicy(C, topk, "lru", ranking[: C // 4 if core is None else core])
-    if kind == "cluster":
-        if cluster_file is None:
-            raise ValueError(f"policy {label!r} needs --cluster-file (a `microspec fit-clusters` output)")
-        from .policies.cluster import ClusterPolicy
-        return ClusterPolicy.load(cluster_file, capacity=C)
-    raise ValueError(f"unknown policy kind {kind!r}: use full, static, incontext, incontext+core, cluster")
+    batches: list[list[int]] = []
+    for i in order:
+        if (not batches or len(batches[-1]) == batch_size
+                or (max_ratio is not None and lengths[i] > max_ratio * lengths[batches[-1][0]])):
+            batches.append([])
+        batches[-1].append(i)
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- per-row logs
@@ -189,11 +142,52 @@ class RowStats:
 
 
 class TracingRun(DecodeRun):
-    """A `DecodeRun` that also logs per-row counters of every decode step (host-side lists; CPU use only)."""
+    """A `DecodeRun` that also logs per-row counters of every decode step (host-side lists; CPU use only).
 
-    def __init__(self, *args, **kwargs):
+    `prefill_cache` (a dict) with `prefill_key` (any hashable naming the batch) reuses the prefill of an
+    earlier run on the same batch: both models' KV caches and the prefill outputs are restored instead of
+    recomputed. The prefill depends on the policy only through the target top-k ids it hands over (computed
+    once with `prefill_topk` >= every policy's k and cut to each policy's k; a sorted top-k's first k are the
+    top-k) and whether the hidden state is captured (part of the key); the same shapes give the same values,
+    so the run is unchanged. On two CPU cores the prompt forwards would otherwise cost as much as decoding.
+    """
+
+    def __init__(self, *args, prefill_cache: dict | None = None, prefill_key=None, prefill_topk: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.log: list[Tensor] = []    # per step: int64 [B, 5] = live, accepted, committed, covered, active
+        self.prefill_cache, self.prefill_key, self.prefill_topk = prefill_cache, prefill_key, prefill_topk
+
+    def _prefill(self):
+        if self.prefill_cache is None:
+            return super()._prefill()
+        policy, k = self.policy, self.policy.target_topk
+        key = (self.prefill_key, policy.wants_hidden, self.S)
+        models = (self.dec.target, self.dec.drafter)
+        entry = self.prefill_cache.get(key)
+        if entry is None or entry[0] < k:
+            k_all = max(k, self.prefill_topk)
+            had = "target_topk" in vars(policy)
+            own = policy.target_topk
+            policy.target_topk = k_all     # the engine reads the policy's k; widened for this prefill only
+            try:
+                out = super()._prefill()
+            finally:
+                if had:
+                    policy.target_topk = own
+                else:
+                    del policy.target_topk
+            kv = [[t.clone() for t in (*m.cache.keys, *m.cache.values)] for m in models]
+            entry = self.prefill_cache[key] = (k_all, kv, [None if t is None else t.clone() for t in out],
+                                               self.nan_seen.clone())
+        else:
+            for m, saved in zip(models, entry[1]):
+                n = m.num_layers
+                m.cache.keys = [t.clone() for t in saved[:n]]
+                m.cache.values = [t.clone() for t in saved[n:]]
+            self.nan_seen.copy_(entry[3])
+        last, topk, hidden = (None if t is None else t.clone() for t in entry[2])
+        return last, (topk[..., :k] if k else None), hidden
 
     def _account(self, n_acc, tokens, commit_mask, n_commit, live, ids, n_act) -> None:
         super()._account(n_acc, tokens, commit_mask, n_commit, live, ids, n_act)
@@ -217,15 +211,18 @@ class TracingRun(DecodeRun):
 
 
 def run_batch(decoder, ids: Tensor, mask: Tensor, max_new_tokens: int, *, do_sample: bool = False,
-              temperature: float = 1.0, generators=None, eos=None, pad: int | None = None):
-    """`decoder.generate` with per-row logging -> (new-token lists per row, RowStats per row, SpecStats)."""
+              temperature: float = 1.0, generators=None, eos=None, pad: int | None = None,
+              prefill_cache: dict | None = None, prefill_key=None, prefill_topk: int = 0):
+    """`decoder.generate` with per-row logging -> (new-token lists per row, RowStats per row, SpecStats).
+    `prefill_cache` / `prefill_key`: see `TracingRun` (the key must name this exact batch and drafter)."""
     cfg = SamplingConfig(do_sample, temperature)
     with torch.inference_mode():
         input_ids, m = decoder._check_prompt(ids, mask)
         eos_ids, pad_id = decoder._special_ids(eos, pad)
         dev = decoder.target.device
         run = TracingRun(decoder, input_ids.to(dev), m.to(dev), max_new_tokens, cfg, eos_ids, generators,
-                         cuda_graph=False)
+                         cuda_graph=False, prefill_cache=prefill_cache, prefill_key=prefill_key,
+                         prefill_topk=prefill_topk)
         out = run.execute(input_ids, pad_id)
     rows = run.row_stats()
     L = ids.shape[1]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ._common import DTYPES
+from ..data import FITTING_CORPORA
 
 DEFAULT_POLICIES = ("full,static@1024,static@3072,static@32768,incontext@1024,incontext@3072,"
                     "incontext+core@1024,incontext+core@3072")
@@ -31,6 +32,65 @@ examples:
 """
 
 
+def hf_tokenizer_adapter(tokenizer, name: str):
+    """A Hugging Face tokenizer behind `microspec.data.Tokenizer`, so `microspec.frequency` can count with
+    the model's own tokenizer (text encoded without special tokens)."""
+    from microspec.data import Tokenizer
+    eos = tokenizer.eos_token_id
+    return Tokenizer(name, "hf", len(tokenizer), [] if eos is None else [int(eos)],
+                     lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"],
+                     lambda ids: tokenizer.decode(ids))
+
+
+def frequency_ranking(tokenizer, name: str, cache: Path | None = None):
+    """Ids ranked by count over `FITTING_CORPORA` with the model's tokenizer -> (int64 [n], table metadata).
+    The counts are kept as a `microspec.frequency` safetensors table at `cache` and reused when its
+    tokenizer name, vocabulary size and corpora match."""
+    from microspec.frequency import count_corpora, load_table, save_table
+    if cache is not None and Path(cache).is_file():
+        table = load_table(cache)
+        if (table.meta.get("tokenizer"), table.meta.get("vocab_size"), table.meta.get("corpora")) == \
+                (name, len(tokenizer), list(FITTING_CORPORA)):
+            return table.ranked(), {**table.meta, "cache": str(cache), "cached": True}
+    table = count_corpora(list(FITTING_CORPORA), hf_tokenizer_adapter(tokenizer, name))
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        save_table(table, cache)
+    return table.ranked(), {**table.meta, "cache": str(cache), "cached": False}
+
+
+def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_file=None, topk: int = 3,
+                      core: int | None = None):
+    """"full", "static@C", "incontext@C", "incontext+core@C" (core: the `core` most frequent ids, default
+    C // 4 as in `microspec demo`), "incontext+core<N>@C" (a core of N ids), "cluster@C" (a `ClusterPolicy`
+    file) -> a fresh policy."""
+    from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+    if label == "full":
+        return FullVocab()
+    kind, _, cap = label.partition("@")
+    if not cap.isdigit() or int(cap) < 1:
+        raise ValueError(f"policy {label!r}: expected full or <kind>@<capacity>")
+    C = int(cap)
+    if (kind == "static" or kind.startswith("incontext+core")) and ranking is None:
+        raise ValueError(f"policy {label!r} needs a frequency ranking")
+    if kind == "static":
+        return StaticFrequencyPolicy(ranking, C)
+    if kind == "incontext":
+        return InContextPolicy(C, topk, "lru")
+    if kind.startswith("incontext+core"):
+        size = kind[len("incontext+core"):]
+        if size and not size.isdigit():
+            raise ValueError(f"policy {label!r}: expected incontext+core@C or incontext+core<N>@C")
+        n = int(size) if size else (C // 4 if core is None else core)
+        return InContextPolicy(C, topk, "lru", ranking[:n])
+    if kind == "cluster":
+        if cluster_file is None:
+            raise ValueError(f"policy {label!r} needs --cluster-file (a `microspec fit-clusters` output)")
+        from microspec.policies.cluster import ClusterPolicy
+        return ClusterPolicy.load(cluster_file, capacity=C)
+    raise ValueError(f"unknown policy kind {kind!r}: use full, static, incontext, incontext+core, cluster")
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="per-task accepted length of each policy on real weights",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,14 +98,17 @@ def register(sub) -> None:
     p.add_argument("--drafter", default="self", help="'self', 'early-exit:N', or a model sharing the tokenizer")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--policies", default=DEFAULT_POLICIES,
-                   help="greedy runs: comma list of full, static@C, incontext@C, incontext+core@C, cluster@C")
+                   help="greedy runs: comma list of full, static@C, incontext@C, incontext+core@C, "
+                        "incontext+core<N>@C (core of N ids), cluster@C")
     p.add_argument("--sample-policies", default=None, help="sampling runs (default: --policies)")
     p.add_argument("--modes", default="greedy,sampling", help="greedy, sampling or both (default: both)")
     p.add_argument("-K", "--num-speculative-tokens", type=int, default=5, dest="K")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--per-task", type=int, default=2, help="first N prompts of each task's list (max 3)")
     p.add_argument("--tasks", default=None, help="comma list of tasks (default: all)")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per batch, grouped by length")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch, grouped by length")
+    p.add_argument("--max-length-ratio", type=float, default=None,
+                   help="also end a batch before a prompt longer than this x its shortest (less prefill padding)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="sampling: row i uses a generator seeded seed*100003+i")
     p.add_argument("--topk", type=int, default=3, help="in-context policies: target top-k per position")
@@ -115,22 +178,25 @@ def run(args) -> int:
     gen_cfg = target.generation_config
     eos = gen_cfg.eos_token_id
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
-    batches = ev.length_batches([len(r) for r in rows], args.batch_size)
+    batches = ev.length_batches([len(r) for r in rows], args.batch_size, args.max_length_ratio)
 
     ranking, freq_meta = None, None
-    if any(k.split("@")[0] in ("static", "incontext+core") for ls in labels.values() for k in ls):
+    if any(k.startswith(("static", "incontext+core")) for ls in labels.values() for k in ls):
         cache = Path(args.freq_cache) if args.freq_cache else cache_dir() / "eval" / f"freq_{name}.safetensors"
         t0 = time.perf_counter()
-        ranking, freq_meta = ev.frequency_ranking(tok, name, cache)
+        ranking, freq_meta = frequency_ranking(tok, name, cache)
         freq_meta["seconds"] = round(time.perf_counter() - t0, 1)
+
+    prefills: dict = {}  # one prefill per (batch, hidden state or not), reused by every policy and mode
 
     def decode_all(decoder, do_sample):
         outs, stats = [None] * len(rows), [None] * len(rows)
-        for batch in batches:
+        for b, batch in enumerate(batches):
             ids, mask = ev.left_pad([rows[i] for i in batch], pad)
             gens = [torch.Generator().manual_seed(args.seed * 100003 + i) for i in batch] if do_sample else None
             new, rs, _ = ev.run_batch(decoder, ids, mask, args.max_new_tokens, do_sample=do_sample,
-                                      temperature=args.temperature, generators=gens, eos=eos, pad=pad)
+                                      temperature=args.temperature, generators=gens, eos=eos, pad=pad,
+                                      prefill_cache=prefills, prefill_key=b, prefill_topk=args.topk)
             for i, n, r in zip(batch, new, rs):
                 outs[i], stats[i] = n, r
         return outs, stats
@@ -139,6 +205,8 @@ def run(args) -> int:
               " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": machine(),
               "target": target_desc, "drafter": drafter_desc, "dtype": args.dtype, "K": args.K,
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed,
+              "batches": batches, "prefill_reuse": "one prefill per batch (and per hidden-state capture), "
+              "restored for every later policy and mode; per-policy seconds exclude reused prefills",
               "temperature": args.temperature, "load_seconds": round(t_load, 1), "frequency_table": freq_meta,
               "prompts": [{"task": p.task, "source": p.source, "id": p.id, "prompt_tokens": len(r)}
                           for p, r in zip(prompts, rows)], "runs": {}}
@@ -156,7 +224,7 @@ def run(args) -> int:
         print(f"\n{mode}: {'policy':<22}{'tau':>6}{'accept':>8}{'cover':>7}{'active':>8}{'mismatch':>9}{'s':>7}")
         per_label = {}
         for label in labels[mode]:
-            policy = ev.policy_from_label(label, ranking, args.cluster_file, args.topk, args.core)
+            policy = policy_from_label(label, ranking, args.cluster_file, args.topk, args.core)
             decoder = SpecDecoder(target, drafter, policy, args.K, tokenizer=tok, cuda_graph=False)
             t0 = time.perf_counter()
             load0 = os.getloadavg()[0]
