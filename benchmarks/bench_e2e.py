@@ -31,8 +31,8 @@ from benchmarks.common import environment, save  # noqa: E402
 from benchmarks.shapes import PAIRS, build  # noqa: E402
 from microspec import SpecDecoder  # noqa: E402
 from microspec.baseline import PlainDecoder  # noqa: E402
+from microspec.cli.eval import policy_from_label  # noqa: E402
 from microspec.engine import DecodeRun  # noqa: E402
-from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy  # noqa: E402
 from microspec.sampling import SamplingConfig, Verdict  # noqa: E402
 
 K = 5
@@ -57,17 +57,10 @@ class ReplayRun(DecodeRun):
 
 
 def make_policy(label: str, vocab: int):
-    if label == "dense":
-        return FullVocab()
-    kind, C = label.split("@")
-    ranking = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))   # random weights: any order
-    if kind == "static":
-        return StaticFrequencyPolicy(ranking, int(C))
-    if kind == "incontext+core":
-        return InContextPolicy(int(C), topk=3, core_ids=ranking[: int(C) // 4])
-    if kind == "incontext":
-        return InContextPolicy(int(C), topk=3)
-    raise ValueError(f"unknown policy label {label!r}")
+    """A policy from a `microspec eval` label ("dense" is "full"). Random weights have no token frequencies,
+    so a random ranking stands in: the head's cost depends on the capacity, not on which ids fill it."""
+    ranking = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))
+    return policy_from_label("full" if label == "dense" else label, ranking)
 
 
 def prompts(B, L, vocab, device):

@@ -29,19 +29,10 @@ from microspec.baseline import PlainDecoder  # noqa: E402
 from microspec.engine import DecodeRun  # noqa: E402
 from microspec.models import early_exit_drafter, load_gguf  # noqa: E402
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, load_token_map  # noqa: E402
+from microspec.prompts import encode_chat  # noqa: E402
 from microspec.sampling import SamplingConfig  # noqa: E402
 
 K = 5
-
-
-def encode(tokenizer, prompts, device):
-    rows = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                          add_generation_prompt=True, tokenize=False),
-                             add_special_tokens=False) for p in prompts]
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
 
 
 def spec_run(dec, ids, mask, new, eos):
@@ -81,10 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--exit-layers", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="float32: ties at bf16 resolution vanish, so every row must equal plain greedy")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
-    model, tokenizer = load_gguf(args.gguf, dtype=torch.bfloat16, device="cuda")
+    model, tokenizer = load_gguf(args.gguf, dtype=getattr(torch, args.dtype), device="cuda")
     prompts = json.loads(Path(args.prompts).read_text())
     ranking = load_token_map(args.token_map)
     eos = [int(model.generation_config.eos_token_id)]
@@ -94,7 +87,7 @@ def main(argv=None) -> int:
                 "incontext+core@1024": lambda: InContextPolicy(1024, topk=3, core_ids=ranking[:256])}
     with torch.inference_mode():
         for B in (1, 8):
-            ids, mask = encode(tokenizer, prompts[:B], "cuda")
+            ids, mask = encode_chat(tokenizer, prompts[:B], device="cuda")
             if B == 1:
                 model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
                 torch.cuda.synchronize()
@@ -126,9 +119,11 @@ def main(argv=None) -> int:
                         print(f"B={B} {method:28s} {rate:8.1f} tok/s  tau {stats.mean_accepted_length:.2f}  "
                               f"coverage {stats.coverage:.3f}  active {stats.mean_active_size:6.0f}  "
                               f"equal {sum(same)}/{len(same)} {gaps}", flush=True)
-    payload = dict(env=environment(), K=K, model=Path(args.gguf).name, prompts=prompts, new_tokens=args.new_tokens,
+    payload = dict(env=environment(), K=K, model=Path(args.gguf).name, dtype=args.dtype, prompts=prompts,
+                   new_tokens=args.new_tokens,
                    rows=rows, command=" ".join(sys.argv))
-    print(f"wrote {save('real_smollm2', payload, args.out)}")
+    name = "real_smollm2" if args.dtype == "bfloat16" else f"real_smollm2_{args.dtype}"
+    print(f"wrote {save(name, payload, args.out)}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Drafters: an EAGLE-style drafter of Llama-3-8B (one decoder layer + the 128,256 x 4096 head), a standalone
 drafter of Llama-3.2-1B shape (head 128,256 x 2048) and one of Qwen2.5-0.5B shape (151,936 x 896).
-Targets: Llama-3-8B, and Qwen2.5-7B for the Qwen drafter (its head is padded to 152,064: the same tokenizer
-with different padding, which microspec accepts).
+Targets: Llama-3-8B, Qwen2.5-7B for the Qwen drafter (its head is padded to 152,064: the same tokenizer
+with different padding, which microspec accepts), and Qwen2.5-1.5B, the target of the real Qwen2.5-Coder pair
+whose acceptance traces `microspec eval` records on the CPU.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ SHAPES = {
                                                        num_hidden_layers=24, num_attention_heads=14,
                                                        num_key_value_heads=2, vocab_size=151936,
                                                        tie_word_embeddings=True)),
+    "qwen2.5-1.5b": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=1536, intermediate_size=8960,
+                                                       num_hidden_layers=28, num_attention_heads=12,
+                                                       num_key_value_heads=2, vocab_size=151936,
+                                                       tie_word_embeddings=True)),
     "llama3-8b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=4096, intermediate_size=14336,
                                                     num_hidden_layers=32, num_attention_heads=32,
                                                     num_key_value_heads=8, vocab_size=128256)),
@@ -40,6 +45,7 @@ SHAPES = {
 PAIRS = {  # target -> drafters benchmarked with it
     "llama3-8b": ("eagle-llama3-8b", "llama3.2-1b"),
     "qwen2.5-7b": ("qwen2.5-0.5b",),
+    "qwen2.5-1.5b": ("qwen2.5-0.5b",),   # the Qwen2.5-Coder pair of `microspec eval`, for its replayed traces
     "tiny-llama": ("tiny-llama-1l",),
 }
 

@@ -93,28 +93,6 @@ def check_disjoint(prompts: list[EvalPrompt], corpora=FITTING_CORPORA) -> None:
         raise ValueError(f"evaluation prompts {clash} are prompts of the fitting corpora {list(corpora)}")
 
 
-def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """One user turn each, through the tokenizer's chat template when it has one."""
-    rows = []
-    for text in texts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
-        rows.append(tokenizer.encode(text, add_special_tokens=False))
-    return rows
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Token lists -> ids int64 [B, L], mask int64 [B, L] (left padding, the Hugging Face convention)."""
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, L - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, L - len(row):] = 1
-    return ids, mask
-
-
 def length_batches(lengths: list[int], batch_size: int, max_ratio: float | None = None) -> list[list[int]]:
     """Indices sorted by prompt length and cut into batches of at most `batch_size` (less padding in the
     prefill); with `max_ratio`, a batch also ends before a prompt longer than max_ratio x its shortest."""

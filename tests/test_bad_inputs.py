@@ -5,7 +5,7 @@ import torch
 
 from microspec import SpecDecoder, check_vocabularies
 from microspec.policies import FullVocab, InContextPolicy, VocabPolicy
-from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
+from tiny_models import PAD, VOCAB, noisy_copy, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from microspec import SpecDecoder
 from microspec import evaluation as ev
 from microspec.baseline import PlainDecoder
 from microspec.cli.eval import policy_from_label
+from microspec.prompts import left_pad
 from microspec.data import shared_data_dir
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
 from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
@@ -29,7 +30,7 @@ def pair():
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 12, 4)]
-    return rows, *ev.left_pad(rows, PAD)
+    return rows, *left_pad(rows, PAD)
 
 
 def test_aggregate_and_task_stats_hand_checked():
@@ -143,7 +144,10 @@ def test_policy_labels():
     assert policy_from_label("incontext+core@64", ranking).core_ids.numel() == 16
     assert isinstance(policy_from_label("static@8", ranking), StaticFrequencyPolicy)
     assert isinstance(policy_from_label("full"), FullVocab)
-    for bad in ("static", "incontext@x", "banana@4", "incontext+corex@8", "cluster@8"):
+    assert policy_from_label("incontext+core16@64/k7", ranking).target_topk == 7
+    assert policy_from_label("incontext@64", ranking, topk=2).target_topk == 2
+    for bad in ("static", "incontext@x", "banana@4", "incontext+corex@8", "cluster@8", "static@8/k3",
+                "incontext@8/q3"):
         with pytest.raises(ValueError):
             policy_from_label(bad, ranking)
     with pytest.raises(ValueError, match="ranking"):

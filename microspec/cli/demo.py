@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..prompts import encode_chat
 from ._common import add_model_args, add_policy_args, build_policies, load_drafter, load_target
 
 PROMPTS = [  # one per kind of task; none of them is in the corpora the static policy counts over
@@ -26,23 +27,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def encode_batch(tokenizer, prompts: list[str], device):
-    """Chat-formatted prompts, left padded (the Hugging Face convention)."""
-    rows = []
-    for text in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
-        rows.append(tokenizer.encode(text, add_special_tokens=False))
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, L - len(row):] = torch.tensor(row)
-        mask[i, L - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def run(args) -> int:
     from microspec import SpecDecoder
     target, tokenizer, source = load_target(args)
@@ -54,7 +38,7 @@ def run(args) -> int:
         ids = torch.randint(3, target.config.vocab_size, (args.prompts, 12), device=args.device)
         mask = torch.ones_like(ids)
     else:
-        ids, mask = encode_batch(tokenizer, PROMPTS[: args.prompts], args.device)
+        ids, mask = encode_chat(tokenizer, PROMPTS[: args.prompts], device=args.device)
     eos = target.generation_config.eos_token_id
     pad = target.generation_config.pad_token_id
     pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)

@@ -63,11 +63,14 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
                       core: int | None = None):
     """"full", "static@C", "incontext@C", "incontext+core@C" (core: the `core` most frequent ids, default
     C // 4 as in `microspec demo`), "incontext+core<N>@C" (a core of N ids), "cluster@C" (a `ClusterPolicy`
-    file) -> a fresh policy."""
+    file) -> a fresh policy. An in-context label may end in "/k<N>" to take the target's top-N per position
+    instead of `topk` (e.g. "incontext+core1536@2048/k8")."""
     from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
     if label == "full":
         return FullVocab()
+    topk = label_topk(label, topk)
     kind, _, cap = label.partition("@")
+    cap = cap.split("/", 1)[0]
     if not cap.isdigit() or int(cap) < 1:
         raise ValueError(f"policy {label!r}: expected full or <kind>@<capacity>")
     C = int(cap)
@@ -91,6 +94,16 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
     raise ValueError(f"unknown policy kind {kind!r}: use full, static, incontext, incontext+core, cluster")
 
 
+def label_topk(label: str, default: int) -> int:
+    """The target top-k of an in-context label: N from a "/k<N>" suffix, else `default`."""
+    _, slash, suffix = label.partition("/")
+    if not slash:
+        return default
+    if not (suffix.startswith("k") and suffix[1:].isdigit()) or not label.startswith("incontext"):
+        raise ValueError(f"policy {label!r}: only in-context labels take a /k<N> top-k suffix")
+    return int(suffix[1:])
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="per-task accepted length of each policy on real weights",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +112,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help="greedy runs: comma list of full, static@C, incontext@C, incontext+core@C, "
-                        "incontext+core<N>@C (core of N ids), cluster@C")
+                        "incontext+core<N>@C (core of N ids), cluster@C; in-context labels may end in "
+                        "/k<N> (their own target top-k)")
     p.add_argument("--sample-policies", default=None, help="sampling runs (default: --policies)")
     p.add_argument("--modes", default="greedy,sampling", help="greedy, sampling or both (default: both)")
     p.add_argument("-K", "--num-speculative-tokens", type=int, default=5, dest="K")
@@ -154,6 +168,7 @@ def load(args):
 def run(args) -> int:
     from microspec import SpecDecoder, evaluation as ev
     from microspec.baseline import PlainDecoder
+    from microspec.prompts import chat_rows, left_pad
     from microspec.models import cache_dir
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,7 +189,7 @@ def run(args) -> int:
     t_load = time.perf_counter() - t0
     print(f"target {target_desc}\ndrafter {drafter_desc}\n{args.dtype}, K={args.K}, "
           f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, loaded in {t_load:.0f} s", flush=True)
-    rows = ev.encode_prompts(tok, [p.text for p in prompts])
+    rows = chat_rows(tok, [p.text for p in prompts])
     gen_cfg = target.generation_config
     eos = gen_cfg.eos_token_id
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
@@ -187,16 +202,17 @@ def run(args) -> int:
         ranking, freq_meta = frequency_ranking(tok, name, cache)
         freq_meta["seconds"] = round(time.perf_counter() - t0, 1)
 
+    max_topk = max(label_topk(x, args.topk) for ls in labels.values() for x in ls)
     prefills: dict = {}  # one prefill per (batch, hidden state or not), reused by every policy and mode
 
     def decode_all(decoder, do_sample):
         outs, stats = [None] * len(rows), [None] * len(rows)
         for b, batch in enumerate(batches):
-            ids, mask = ev.left_pad([rows[i] for i in batch], pad)
+            ids, mask = left_pad([rows[i] for i in batch], pad)
             gens = [torch.Generator().manual_seed(args.seed * 100003 + i) for i in batch] if do_sample else None
             new, rs, _ = ev.run_batch(decoder, ids, mask, args.max_new_tokens, do_sample=do_sample,
                                       temperature=args.temperature, generators=gens, eos=eos, pad=pad,
-                                      prefill_cache=prefills, prefill_key=b, prefill_topk=args.topk)
+                                      prefill_cache=prefills, prefill_key=b, prefill_topk=max_topk)
             for i, n, r in zip(batch, new, rs):
                 outs[i], stats[i] = n, r
         return outs, stats
@@ -256,7 +272,7 @@ def _labels(text: str) -> list[str]:
 
 
 def _plain_greedy(plain, rows, batches, max_new, eos, pad) -> list[list[int]]:
-    from microspec.evaluation import left_pad
+    from microspec.prompts import left_pad
     refs = [None] * len(rows)
     for batch in batches:
         ids, mask = left_pad([rows[i] for i in batch], pad)

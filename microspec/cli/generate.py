@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from microspec import SpecDecoder
-    from .demo import encode_batch
+    from ..prompts import encode_chat
     target, tokenizer, source = load_target(args)
     if tokenizer is None:
         raise ValueError("generate needs a model with a tokenizer (no real weights were found)")
@@ -33,7 +33,7 @@ def run(args) -> int:
     if len(policies) != 1:
         raise ValueError("generate takes exactly one --policy")
     (name, policy), = policies.items()
-    ids, mask = encode_batch(tokenizer, [args.prompt], args.device)
+    ids, mask = encode_chat(tokenizer, [args.prompt], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = SpecDecoder(target, drafter, policy, args.K, tokenizer=tokenizer).generate(
