@@ -27,7 +27,7 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, save  # noqa: E402
+from benchmarks.common import environment, run_stamp, save  # noqa: E402
 from benchmarks.shapes import PAIRS, build  # noqa: E402
 from microspec import SpecDecoder  # noqa: E402
 from microspec.baseline import PlainDecoder  # noqa: E402
@@ -140,17 +140,26 @@ def main(argv=None) -> int:
             pairs.setdefault(t, []).append(d)
     torch._dynamo.config.cache_size_limit = 64
     L, new = (16, 24) if args.smoke else (args.prompt_len, args.new_tokens)
-    rows = []
+    rows, stamp = [], run_stamp()
+
+    def write() -> Path:
+        return save("e2e", dict(env=environment(), K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
+                                compiled=args.compile, command=" ".join(sys.argv)), args.out, stamp)
+
+    def record(row: dict) -> None:        # saved after every row: a time limit keeps what was measured
+        rows.append(row)
+        if not args.smoke:
+            write()
     with torch.inference_mode():
         for target_name, drafters in pairs.items():
             target = build(target_name, device, torch.float32 if args.smoke else torch.bfloat16)
             for B in map(int, args.batch.split(",")):
                 r = plain_tok_s(target, B, L, new, args.compile)
-                rows.append(dict(target=target_name, drafter=None, batch=B, method="plain", **r))
+                record(dict(target=target_name, drafter=None, batch=B, method="plain", **r))
                 print(f"{target_name:11s} B={B} plain (CUDA graph)       {r['tok_s']:9.1f} tok/s", flush=True)
                 if B == 1:
                     r = hf_eager_tok_s(target, L, min(new, 64))
-                    rows.append(dict(target=target_name, drafter=None, batch=1, method="hf-eager", **r))
+                    record(dict(target=target_name, drafter=None, batch=1, method="hf-eager", **r))
                     print(f"{target_name:11s} B=1 hf-eager (context)     {r['tok_s']:9.1f} tok/s", flush=True)
             for drafter_name in drafters:
                 drafter = build(drafter_name, device, torch.float32 if args.smoke else torch.bfloat16, seed=1)
@@ -165,17 +174,15 @@ def main(argv=None) -> int:
                             print(f"  no trace for {label}: skipped", flush=True)
                             continue
                         r = spec_tok_s(target, drafter, label, B, L, new, trace, args.compile)
-                        rows.append(dict(target=target_name, drafter=drafter_name, batch=B, method=f"spec:{label}",
+                        record(dict(target=target_name, drafter=drafter_name, batch=B, method=f"spec:{label}",
                                          **r))
                         print(f"{target_name:11s} B={B} {drafter_name:15s} spec:{label:15s} {r['tok_s']:9.1f} tok/s"
                               f"  tau {r['mean_accepted_length']:.2f}  active {r['mean_active']:.0f}", flush=True)
                 del drafter
             del target
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    if not args.smoke:
-        payload = dict(env=environment(), K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
-                       compiled=args.compile, command=" ".join(sys.argv))
-        print(f"wrote {save('e2e', payload, args.out)}")
+    if rows and not args.smoke:
+        print(f"wrote {write()}")
     return 0
 
 

@@ -102,11 +102,17 @@ def environment() -> dict:
     return env
 
 
-def save(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    """Write one JSON result file per run: benchmarks/results/<name>_<date>_<time>.json."""
+def run_stamp() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+
+
+def save(name: str, payload: dict, out_dir: Path | None = None, stamp: str | None = None) -> Path:
+    """Write one JSON result file per run: benchmarks/results/<name>_<date>_<time>.json (`stamp`, from
+    `run_stamp()`, rewrites the same file: a run that saves after every row keeps what it measured when
+    a time limit stops it)."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    stamp = stamp or run_stamp()
     path = out_dir / f"{name}_{stamp}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
