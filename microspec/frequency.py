@@ -62,6 +62,36 @@ def count_ids(seqs, vocab_size: int) -> Tensor:
     return torch.bincount(ids, minlength=vocab_size)
 
 
+def successor_table(seqs, vocab_size: int, m: int) -> Tensor:
+    """The m most frequent next ids of every id over token sequences -> int64 [vocab_size, m], most frequent
+    first, -1 where an id has fewer than m distinct successors (or never occurs). Ties go to the smaller id.
+
+    Why: a word is often several tokens, and its later pieces follow its first one almost surely; an
+    in-context set that holds an id's usual successors covers the continuation the target will accept
+    (`InContextPolicy(successors=...)`)."""
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    seqs = [torch.as_tensor(s, dtype=torch.long) for s in seqs if len(s) > 1]
+    table = torch.full((vocab_size, m), -1, dtype=torch.long)
+    if not seqs:
+        return table
+    every = torch.cat(seqs)
+    if int(every.min()) < 0 or int(every.max()) >= vocab_size:
+        raise ValueError(f"token ids outside [0, {vocab_size}): wrong tokenizer for this vocabulary?")
+    flat = torch.cat([s[:-1] * vocab_size + s[1:] for s in seqs])
+    pair, count = torch.unique(flat, return_counts=True)              # sorted by (first, next)
+    first, nxt = pair // vocab_size, pair % vocab_size
+    # order by first id, then count descending, then next id ascending (stable sort keeps the id order)
+    order = torch.argsort(-count, stable=True)
+    order = order[torch.argsort(first[order], stable=True)]
+    first, nxt = first[order], nxt[order]
+    start = torch.searchsorted(first, first)                            # index of each run's first entry
+    rank = torch.arange(first.numel()) - start
+    keep = rank < m
+    table[first[keep], rank[keep]] = nxt[keep]
+    return table
+
+
 def count_corpora(specs, tokenizer: Tokenizer, text_field: str | None = None, chunk: int = 2000,
                   progress=None) -> FrequencyTable:
     """Count the tokenizer's ids over each corpus's texts (a dataset name gives its responses; a file gives

@@ -145,9 +145,14 @@ def test_policy_labels():
     assert isinstance(policy_from_label("static@8", ranking), StaticFrequencyPolicy)
     assert isinstance(policy_from_label("full"), FullVocab)
     assert policy_from_label("incontext+core16@64/k7", ranking).target_topk == 7
+    succ = torch.randint(-1, 10, (VOCAB, 4))
+    p = policy_from_label("incontext+core16@64/k2/s3", ranking, successors=succ)
+    assert p.target_topk == 2 and torch.equal(p.successors, succ[:, :3])
+    with pytest.raises(ValueError, match="successor table"):
+        policy_from_label("incontext@64/s5", ranking, successors=succ)
     assert policy_from_label("incontext@64", ranking, topk=2).target_topk == 2
     for bad in ("static", "incontext@x", "banana@4", "incontext+corex@8", "cluster@8", "static@8/k3",
-                "incontext@8/q3"):
+                "incontext@8/q3", "static@8/s2", "incontext@8/s"):
         with pytest.raises(ValueError):
             policy_from_label(bad, ranking)
     with pytest.raises(ValueError, match="ranking"):

@@ -60,15 +60,19 @@ def frequency_ranking(tokenizer, name: str, cache: Path | None = None):
 
 
 def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_file=None, topk: int = 3,
-                      core: int | None = None):
+                      core: int | None = None, successors: torch.Tensor | None = None):
     """"full", "static@C", "incontext@C", "incontext+core@C" (core: the `core` most frequent ids, default
     C // 4 as in `microspec demo`), "incontext+core<N>@C" (a core of N ids), "cluster@C" (a `ClusterPolicy`
     file) -> a fresh policy. An in-context label may end in "/k<N>" to take the target's top-N per position
-    instead of `topk` (e.g. "incontext+core1536@2048/k8")."""
+    instead of `topk` and in "/s<N>" to add each id's N most frequent successors from `successors` [V, >= N]
+    (e.g. "incontext+core1024@2048/k10/s4")."""
     from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
     if label == "full":
         return FullVocab()
-    topk = label_topk(label, topk)
+    topk, n_succ = label_options(label, topk)
+    if n_succ and (successors is None or successors.shape[1] < n_succ):
+        raise ValueError(f"policy {label!r} needs a successor table with >= {n_succ} columns")
+    succ = successors[:, :n_succ] if n_succ else None
     kind, _, cap = label.partition("@")
     cap = cap.split("/", 1)[0]
     if not cap.isdigit() or int(cap) < 1:
@@ -79,13 +83,13 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
     if kind == "static":
         return StaticFrequencyPolicy(ranking, C)
     if kind == "incontext":
-        return InContextPolicy(C, topk, "lru")
+        return InContextPolicy(C, topk, "lru", successors=succ)
     if kind.startswith("incontext+core"):
         size = kind[len("incontext+core"):]
         if size and not size.isdigit():
             raise ValueError(f"policy {label!r}: expected incontext+core@C or incontext+core<N>@C")
         n = int(size) if size else (C // 4 if core is None else core)
-        return InContextPolicy(C, topk, "lru", ranking[:n])
+        return InContextPolicy(C, topk, "lru", ranking[:n], successors=succ)
     if kind == "cluster":
         if cluster_file is None:
             raise ValueError(f"policy {label!r} needs --cluster-file (a `microspec fit-clusters` output)")
@@ -94,14 +98,42 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
     raise ValueError(f"unknown policy kind {kind!r}: use full, static, incontext, incontext+core, cluster")
 
 
-def label_topk(label: str, default: int) -> int:
-    """The target top-k of an in-context label: N from a "/k<N>" suffix, else `default`."""
-    _, slash, suffix = label.partition("/")
-    if not slash:
-        return default
-    if not (suffix.startswith("k") and suffix[1:].isdigit()) or not label.startswith("incontext"):
-        raise ValueError(f"policy {label!r}: only in-context labels take a /k<N> top-k suffix")
-    return int(suffix[1:])
+def label_options(label: str, topk: int) -> tuple[int, int]:
+    """An in-context label's suffixes -> (target top-k, successors per id): "/k<N>" sets the top-k (else
+    `topk`), "/s<N>" adds each id's N most frequent successors in the fitting corpora (else 0)."""
+    parts = label.split("/")
+    k, succ = topk, 0
+    for part in parts[1:]:
+        if not label.startswith("incontext") or len(part) < 2 or part[0] not in "ks" or not part[1:].isdigit():
+            raise ValueError(f"policy {label!r}: only in-context labels take /k<N> (top-k) and /s<N> "
+                             "(successors) suffixes")
+        if part[0] == "k":
+            k = int(part[1:])
+        else:
+            succ = int(part[1:])
+    return k, succ
+
+
+def corpus_successors(tokenizer, name: str, m: int, cache: Path | None = None) -> torch.Tensor:
+    """`microspec.frequency.successor_table` over `FITTING_CORPORA` with the model's tokenizer -> int64 [V, m],
+    kept at `cache` (safetensors) and reused when its tokenizer name, vocabulary size and corpora match."""
+    from safetensors.torch import load_file, save_file
+    from microspec.data import fitting_texts
+    from microspec.frequency import successor_table
+    key = {"tokenizer": name, "vocab_size": str(len(tokenizer)), "corpora": ",".join(FITTING_CORPORA)}
+    if cache is not None and Path(cache).is_file():
+        from safetensors import safe_open
+        with safe_open(str(cache), "pt") as f:
+            meta = f.metadata() or {}
+        table = load_file(str(cache))["successors"]
+        if all(meta.get(k) == v for k, v in key.items()) and table.shape[1] >= m:
+            return table[:, :m]
+    ids = hf_tokenizer_adapter(tokenizer, name).encode_batch(fitting_texts())
+    table = successor_table(ids, len(tokenizer), max(m, 8))
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"successors": table}, str(cache), metadata=key)
+    return table[:, :m]
 
 
 def register(sub) -> None:
@@ -113,7 +145,7 @@ def register(sub) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help="greedy runs: comma list of full, static@C, incontext@C, incontext+core@C, "
                         "incontext+core<N>@C (core of N ids), cluster@C; in-context labels may end in "
-                        "/k<N> (their own target top-k)")
+                        "/k<N> (their own target top-k) and /s<N> (N corpus successors per id)")
     p.add_argument("--sample-policies", default=None, help="sampling runs (default: --policies)")
     p.add_argument("--modes", default="greedy,sampling", help="greedy, sampling or both (default: both)")
     p.add_argument("-K", "--num-speculative-tokens", type=int, default=5, dest="K")
@@ -202,7 +234,12 @@ def run(args) -> int:
         ranking, freq_meta = frequency_ranking(tok, name, cache)
         freq_meta["seconds"] = round(time.perf_counter() - t0, 1)
 
-    max_topk = max(label_topk(x, args.topk) for ls in labels.values() for x in ls)
+    options = [label_options(x, args.topk) for ls in labels.values() for x in ls]
+    max_topk = max(k for k, _ in options)
+    successors = None
+    if max(m for _, m in options):
+        successors = corpus_successors(tok, name, max(m for _, m in options),
+                                       cache_dir() / "eval" / f"successors_{name}.safetensors")
     prefills: dict = {}  # one prefill per (batch, hidden state or not), reused by every policy and mode
 
     def decode_all(decoder, do_sample):
@@ -240,7 +277,7 @@ def run(args) -> int:
         print(f"\n{mode}: {'policy':<22}{'tau':>6}{'accept':>8}{'cover':>7}{'active':>8}{'mismatch':>9}{'s':>7}")
         per_label = {}
         for label in labels[mode]:
-            policy = policy_from_label(label, ranking, args.cluster_file, args.topk, args.core)
+            policy = policy_from_label(label, ranking, args.cluster_file, args.topk, args.core, successors)
             decoder = SpecDecoder(target, drafter, policy, args.K, tokenizer=tok, cuda_graph=False)
             t0 = time.perf_counter()
             load0 = os.getloadavg()[0]

@@ -11,7 +11,10 @@ What the released MicroSpec code lacks and this policy adds:
   * an eviction rule at the cap ("lru": least recently committed or predicted, "fifo": oldest insertion)
     instead of silently no longer growing (`eviction=None` keeps MicroSpec's grow-only behaviour);
   * an optional static core (`core_ids`, e.g. the most frequent ids) pinned next to the special ids, so a
-    short prompt does not start from an almost empty set.
+    short prompt does not start from an almost empty set;
+  * optional successors (`successors`, from `microspec.frequency.successor_table`): with every prompt or
+    committed id, its most frequent next ids in a corpus enter too, so the later pieces of a multi-token
+    word, which the target's top-k at earlier positions cannot predict, are in the set when drafted.
 
 Drafted-but-rejected tokens never enter: the policy sees committed tokens only. (Drafted tokens come from the
 set, so "drafted ids" add nothing MicroSpec's set did not already hold; accepted ones refresh their stamp.)
@@ -37,6 +40,8 @@ class InContextPolicy(VocabPolicy):
         topk:      the target's top-k ids added per position (NanoSpec: 3); 0 adds only the tokens themselves.
         eviction:  "lru" (default), "fifo", or None (grow-only: ids that do not fit are dropped).
         core_ids:  ids pinned in every row for the whole request, e.g. `load_token_map(path)[:512]`.
+        successors: int64 [V, m] (-1 = none): ids added with each prompt or committed id, e.g.
+                   `successor_table(corpus_ids, V, 4)`; rows beyond a model's vocabulary must be absent.
 
     Example:
         >>> policy = InContextPolicy(capacity=8, topk=0)
@@ -46,7 +51,8 @@ class InContextPolicy(VocabPolicy):
         [0, 5, 7]
     """
 
-    def __init__(self, capacity: int = 3072, topk: int = 3, eviction: str | None = "lru", core_ids=None):
+    def __init__(self, capacity: int = 3072, topk: int = 3, eviction: str | None = "lru", core_ids=None,
+                 successors=None):
         super().__init__(capacity)
         if eviction not in ("lru", "fifo", None):
             raise ValueError(f"eviction must be 'lru', 'fifo' or None, got {eviction!r}")
@@ -55,6 +61,9 @@ class InContextPolicy(VocabPolicy):
         self.target_topk = topk
         self.eviction = eviction
         self.core_ids = None if core_ids is None else torch.as_tensor(core_ids, dtype=torch.long).flatten()
+        self.successors = None if successors is None else torch.as_tensor(successors, dtype=torch.long)
+        if self.successors is not None and (self.successors.dim() != 2 or self.successors.shape[1] < 1):
+            raise ValueError(f"successors must be [V, m] with m >= 1, got shape {tuple(self.successors.shape)}")
         self._n_pinned = 0
 
     # ------------------------------------------------------------------ host side
@@ -68,6 +77,15 @@ class InContextPolicy(VocabPolicy):
         self._first = torch.zeros((rows, V + 1), dtype=torch.long, device=device)        # dedupe scratch
         self._clock = torch.zeros(1, dtype=torch.long, device=device)
         self._slots = torch.arange(C, device=device)
+        self._succ = None
+        if self.successors is not None:
+            succ = self.successors
+            if succ.shape[0] > V or int(succ.max()) >= V or int(succ.min()) < -1:
+                raise ValueError(f"successors table [{succ.shape[0]}, {succ.shape[1]}] does not fit a vocabulary "
+                                 f"of {V} (ids must be -1 or in [0, {V})): wrong tokenizer?")
+            # one row per id plus the sink id V, all -1 where there is no successor
+            self._succ = torch.full((V + 1, succ.shape[1]), -1, dtype=torch.long, device=device)
+            self._succ[: succ.shape[0]] = succ.to(device)
 
     def _reset(self) -> None:
         pinned = self.special_ids
@@ -94,6 +112,9 @@ class InContextPolicy(VocabPolicy):
         if target_topk is not None and self.target_topk:
             cand = torch.cat([cand, target_topk[..., : self.target_topk]], dim=-1)      # [B, L, 1+k]
         valid = prompt_mask.unsqueeze(-1).expand_as(cand)
+        if self._succ is not None:
+            succ = self._successors_of(prompt_ids, prompt_mask)                           # [B, L, m]
+            cand, valid = torch.cat([cand, succ], -1), torch.cat([valid, succ >= 0], -1)  # [B, L, 1+k+m]
         self._insert(cand.flip(1).flatten(1), valid.flip(1).flatten(1))
 
     def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
@@ -103,7 +124,14 @@ class InContextPolicy(VocabPolicy):
             top = target_topk[..., : self.target_topk]                                   # [B, M, k]
             cand = torch.cat([cand, top.flatten(1)], dim=1)
             valid = torch.cat([valid, committed_mask.unsqueeze(-1).expand_as(top).flatten(1)], dim=1)
+        if self._succ is not None:
+            succ = self._successors_of(committed_ids, committed_mask).flatten(1)          # [B, M*m]
+            cand, valid = torch.cat([cand, succ], dim=1), torch.cat([valid, succ >= 0], dim=1)
         self._insert(cand, valid)
+
+    def _successors_of(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids [B, L] -> their successors [B, L, m], -1 where none or where mask is False."""
+        return self._succ[torch.where(mask, ids, self.vocab_size)]
 
     def _insert(self, cand: Tensor, valid: Tensor) -> None:
         """Add ids cand [B, M] where valid [B, M], in priority order (earlier entries first). No host sync."""

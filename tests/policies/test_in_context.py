@@ -103,3 +103,35 @@ def test_bad_arguments(kwargs):
 def test_capacity_must_hold_special_ids():
     with pytest.raises(ValueError, match="cannot hold"):
         InContextPolicy(capacity=1).setup(1, 100, [0, 1], "cpu")
+
+
+def test_successors_enter_with_prompt_and_committed_ids():
+    succ = torch.full((100, 2), -1)
+    succ[5] = torch.tensor([50, 51])       # 5 -> 50, 51
+    succ[7] = torch.tensor([70, -1])       # 7 -> 70 only
+    succ[9] = torch.tensor([90, 91])       # 9 only ever arrives masked out
+    policy = fresh(16, topk=0, successors=succ)
+    policy.on_prefill(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool))
+    assert live(policy) == [EOS, 6, 5, 50, 51]                     # newest position first, then its successors
+    policy.on_commit(torch.tensor([[7, 9]]), torch.tensor([[True, False]]))
+    assert live(policy) == [EOS, 6, 5, 50, 51, 7, 70]
+
+
+def test_successor_table_from_token_streams():
+    from microspec.frequency import successor_table
+    table = successor_table([[1, 2, 3, 1, 2, 4, 1, 5], [2, 3]], 6, 2)
+    assert table.tolist() == [[-1, -1], [2, 5], [3, 4], [1, -1], [1, -1], [-1, -1]]
+    with pytest.raises(ValueError, match="outside"):
+        successor_table([[1, 7]], 6, 2)
+
+
+@pytest.mark.parametrize("succ", [torch.zeros(101, 2, dtype=torch.long), torch.full((10, 2), 100),
+                                  torch.full((10, 2), -2)])
+def test_successors_must_fit_the_vocabulary(succ):
+    with pytest.raises(ValueError, match="successors"):
+        InContextPolicy(capacity=8, successors=succ).setup(1, 100, [EOS], "cpu")
+
+
+def test_successors_must_be_a_table():
+    with pytest.raises(ValueError, match="successors"):
+        InContextPolicy(capacity=8, successors=torch.arange(5))
