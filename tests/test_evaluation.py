@@ -11,7 +11,7 @@ import torch
 from microspec import SpecDecoder
 from microspec import evaluation as ev
 from microspec.baseline import PlainDecoder
-from microspec.cli.eval import policy_from_label
+from microspec.policy_labels import policy_from_label
 from microspec.prompts import left_pad
 from microspec.data import shared_data_dir
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy

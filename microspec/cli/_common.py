@@ -71,16 +71,14 @@ def load_drafter(args, target):
     return model, args.drafter
 
 
-def frequency_ranking(tokenizer, vocab_size: int):
-    """Token ids ranked by count over the shared fitting corpora (disjoint from the demo prompts)."""
-    from microspec import data
-    from microspec.policies import ranked_ids_from_counts
-    texts = data.fitting_texts()
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for text in texts:
-        ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
-        counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
-    return ranked_ids_from_counts(counts)
+def frequency_ranking(args, tokenizer, vocab_size: int):
+    """Token ids ranked by count over the shared fitting corpora (disjoint from the demo prompts), counted
+    once per tokenizer and cached like `microspec eval`'s; ids beyond the model's head are dropped."""
+    from microspec.models import cache_dir
+    from microspec.policy_labels import frequency_ranking as counted_ranking
+    name = "smollm2" if args.model == "smollm2" else Path(args.model).stem.lower()
+    ranking, _ = counted_ranking(tokenizer, name, cache_dir() / "eval" / f"freq_{name}.safetensors")
+    return ranking[ranking < vocab_size]
 
 
 def build_policies(args, tokenizer, vocab_size: int) -> dict:
@@ -95,7 +93,7 @@ def build_policies(args, tokenizer, vocab_size: int) -> dict:
                 from microspec.policies import load_token_map
                 ranking = load_token_map(args.token_map)
             elif tokenizer is not None:
-                ranking = frequency_ranking(tokenizer, vocab_size)
+                ranking = frequency_ranking(args, tokenizer, vocab_size)
             else:
                 ranking = torch.arange(vocab_size)
         return ranking
