@@ -140,10 +140,10 @@ def main(argv=None) -> int:
             pairs.setdefault(t, []).append(d)
     torch._dynamo.config.cache_size_limit = 64
     L, new = (16, 24) if args.smoke else (args.prompt_len, args.new_tokens)
-    rows, stamp = [], run_stamp()
+    rows, stamp, env = [], run_stamp(), environment()
 
     def write() -> Path:
-        return save("e2e", dict(env=environment(), K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
+        return save("e2e", dict(env=env, K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
                                 compiled=args.compile, command=" ".join(sys.argv)), args.out, stamp)
 
     def record(row: dict) -> None:        # saved after every row: a time limit keeps what was measured

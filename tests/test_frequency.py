@@ -6,10 +6,15 @@ import json
 import pytest
 import torch
 
-from microspec.cli.fit_frequency import main
+from microspec.cli import main as cli_main
 from microspec.frequency import (count_corpora, count_ids, export_top, import_token_map, load_table,
                                  save_table, top_ids)
 from microspec.policies import StaticFrequencyPolicy, load_token_map
+
+
+def main(argv):
+    return cli_main(["fit-frequency", *argv])
+
 
 WORDS = ["[UNK]", "the", "cat", "sat", "on", "mat", "dog", "</s>"]       # ids 0..7, EOS 7
 

@@ -5,8 +5,13 @@ import json
 
 import pytest
 
-from microspec.cli.tune import main
+from microspec.cli import main as cli_main
 from microspec.tuning import ARCHS, CostModel, StepModel, Trial, load_latency_table, pareto_front, tune
+
+
+def main(argv):
+    return cli_main(["tune", *argv])
+
 
 # A constructed case: coverage rises with capacity, with a knee at 1024.
 COVERAGE = {128: 0.50, 256: 0.70, 512: 0.85, 1024: 0.95, 2048: 0.96, 4096: 0.97}

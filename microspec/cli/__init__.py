@@ -30,6 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:  # bad input: a clear message, no traceback
+    except (FileNotFoundError, ValueError, ImportError) as err:  # bad input or a missing extra: a clear message
         print(f"microspec {args.command}: error: {err}", file=sys.stderr)
         return 2

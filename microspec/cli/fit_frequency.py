@@ -3,7 +3,6 @@
 Why a command: the static policy and the in-context core both start from a frequency ranking of the target's
 tokenizer over some text, and peers ship that ranking as id-list files (FR-Spec/SGLang `.pt`, vLLM
 `draft_token_map`). Counting once into a table and cutting any top-N from it keeps the two in step.
-Standalone until it is listed in `microspec.cli.COMMANDS`: `python -m microspec.cli.fit_frequency --help`.
 """
 from __future__ import annotations
 
@@ -29,10 +28,10 @@ Keep fitting and evaluation text apart: the project's split fits on
   alpaca:gpt4_1106_preview alpaca:text_davinci_003 gsm8k:train
 
 examples:
-  python -m microspec.cli.fit_frequency alpaca:gpt4_1106_preview alpaca:text_davinci_003 gsm8k:train \\
+  microspec fit-frequency alpaca:gpt4_1106_preview alpaca:text_davinci_003 gsm8k:train \\
       --tokenizer ../shared/data/tokenizers/llama3 --out llama3_freq.safetensors \\
       --export freq_32768.pt --top 32768
-  python -m microspec.cli.fit_frequency --import freq_32768.pt --export freq_32768.json --top 32768 \\
+  microspec fit-frequency --import freq_32768.pt --export freq_32768.json --top 32768 \\
       --tokenizer ../shared/data/tokenizers/llama3          # convert FR-Spec .pt -> vLLM .json
 """
 
@@ -109,19 +108,3 @@ def run(args) -> int:
         print(f"wrote {args.export}: {ids.numel()} ids (EOS {eos if eos else 'not'} forced in)",
               file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m microspec.cli.fit_frequency`), with the CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="microspec")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["fit-frequency", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"microspec fit-frequency: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,8 +3,8 @@
 Why a command: the capacity that maximises draft throughput depends on the text (coverage), the head's
 real cost (bandwidth, launch floor, per-step gathers) and the drafter; a seeded search over measured
 coverage and a stated cost model makes that choice reproducible. The model is in `microspec.tuning`, the
-coverage from the same harness as `microspec coverage` (text-only or --model). Standalone until it is listed
-in `microspec.cli.COMMANDS`: `python -m microspec.cli.tune --help`. Needs the `tune` extra (optuna).
+coverage from the same harness as `microspec coverage` (text-only or --model). Needs the `tune` extra
+(optuna).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ Writes every trial, the best feasible one and the coverage/latency Pareto fronti
 
 EPILOG = """\
 examples:
-  python -m microspec.cli.tune alpaca:Meta-Llama-3-8B-Instruct gsm8k:test mtbench humaneval \\
+  microspec tune alpaca:Meta-Llama-3-8B-Instruct gsm8k:test mtbench humaneval \\
       --tokenizer ../shared/data/tokenizers/llama3 --policy static --min-coverage 0.9 --trials 40 \\
       --fit alpaca:gpt4_1106_preview alpaca:text_davinci_003 gsm8k:train --json tune.json --plot tune.png
-  python -m microspec.cli.tune gsm8k:test humaneval --model smollm2 --sample 25 --max-tokens 256 \\
+  microspec tune gsm8k:test humaneval --model smollm2 --sample 25 --max-tokens 256 \\
       --policy incontext --topk-choices 0 1 3 --fit gsm8k:train --arch smollm2-135m --trace-cache /tmp/traces
   (add --latency-table FILE to use measured head latency instead of the cost model)
 """
@@ -196,19 +196,3 @@ def _print(result, step, args, full) -> None:
     b = result.best
     print(f"best (coverage >= {args.min_coverage}): {json.dumps(b.params)}  coverage {b.coverage:.4f}, "
           f"utility {b.utility:.4f} tok/ms = {b.utility / full['utility']:.2f}x the full-vocabulary head")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m microspec.cli.tune`), with the CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="microspec")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"microspec tune: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
