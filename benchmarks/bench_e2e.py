@@ -31,7 +31,7 @@ from benchmarks.common import environment, run_stamp, save  # noqa: E402
 from benchmarks.shapes import PAIRS, build  # noqa: E402
 from microspec import SpecDecoder  # noqa: E402
 from microspec.baseline import PlainDecoder  # noqa: E402
-from microspec.policy_labels import policy_from_label  # noqa: E402
+from microspec.lab.policy_labels import policy_from_label  # noqa: E402
 from microspec.engine import DecodeRun  # noqa: E402
 from microspec.sampling import SamplingConfig, Verdict  # noqa: E402
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .hf import CausalLM
+from .models.hf import CausalLM
 
 
 class PlainDecoder:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import DecodeRun
-from .hf import CausalLM, vocab_size_of
+from .models.hf import CausalLM, vocab_size_of
 from .outputs import GenerateOutput
 from .policies import FullVocab, VocabPolicy
 from .sampling import SamplingConfig

@@ -1,4 +1,4 @@
-"""`microspec.clustering`: torch k-means against scikit-learn, cluster tables, training data, classifier.
+"""`microspec.lab.clustering`: torch k-means against scikit-learn, cluster tables, training data, classifier.
 
 scikit-learn's `KMeans(algorithm="lloyd")` is the oracle: from the same initial centroids our Lloyd loop must
 reach the same labels, inertia and iteration count (float64, so no near-tie decides differently); from its
@@ -7,7 +7,7 @@ own k-means++ seeding our inertia must be no worse than scikit-learn's by more t
 import pytest
 import torch
 
-from microspec.clustering import (assign, cluster_table, collect_states, fit_cluster_policy, kmeans,
+from microspec.lab.clustering import (assign, cluster_table, collect_states, fit_cluster_policy, kmeans,
                                   kmeans_plusplus, train_classifier, window_recall, window_targets)
 from tiny_models import tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from microspec.cli import main
-from microspec.coverage import CoverageResult, simulate
+from microspec.lab.coverage import CoverageResult, simulate
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, save_token_map
 
 V = 50
@@ -211,7 +211,7 @@ def test_summary_spread_and_delta_by_hand():
 
 
 def test_plot_and_same_size_comparison(tmp_path):
-    from microspec.coverage import compare_at_same_size, plot_coverage
+    from microspec.lab.coverage import compare_at_same_size, plot_coverage
     rows = [{"policy": p, "dataset": d, "capacity": c, "active_mean": a, "coverage": v}
             for d in ("x", "all") for p, c, a, v in (("static", 8, 8, 0.5), ("static", 32, 32, 0.7),
                                                     ("incontext", 8, 16, 0.65), ("incontext", 4, 4, 0.3),
@@ -261,8 +261,8 @@ def test_cli_model_based_on_a_tiny_hf_model(tiny, capsys):
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from microspec.data import load_pairs
-    from microspec.model_coverage import encode_pairs, teacher_forced_traces
+    from microspec.lab.data import load_pairs
+    from microspec.lab.model_coverage import encode_pairs, teacher_forced_traces
     raw = Tokenizer.from_file(tiny["tok"])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="[UNK]")
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from microspec.data import (
+from microspec.lab.data import (
     PAT_LLAMA3, iter_texts, load_corpus, load_pairs, load_texts, load_tokenizer, shared_data_dir,
 )
 

@@ -1,4 +1,4 @@
-"""`microspec.evaluation` (the machinery of `microspec eval`) on tiny random models: per-row logs add up to
+"""`microspec.lab.evaluation` (the machinery of `microspec eval`) on tiny random models: per-row logs add up to
 the engine's own statistics, per-task aggregation is right on a hand-checked case, the trace file is what
 `benchmarks/bench_e2e.py` reads, the prefill reuse changes nothing, and the greedy check finds a mismatch."""
 import json
@@ -11,9 +11,9 @@ import torch
 from microspec import SpecDecoder
 from microspec import evaluation as ev
 from microspec.baseline import PlainDecoder
-from microspec.policy_labels import policy_from_label
+from microspec.lab.policy_labels import policy_from_label
 from microspec.prompts import left_pad
-from microspec.data import shared_data_dir
+from microspec.lab.data import shared_data_dir
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
 from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
 
@@ -180,7 +180,7 @@ def test_committed_subset_is_valid_and_disjoint_from_fitting():
     assert len(prompts) == sum(len(ids) for _, ids in ev.SUBSET.values())
     ev.check_disjoint(prompts)
     train = ev.EvalPrompt("gsm8k", "train", 0, ev.load_subset(per_task=1, tasks=["gsm8k"])[0].text)
-    from microspec.data import load_pairs
+    from microspec.lab.data import load_pairs
     train.text = load_pairs("gsm8k:train")[0][0]
     with pytest.raises(ValueError, match="fitting"):
         ev.check_disjoint([train])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from microspec.cli import main as cli_main
-from microspec.frequency import (count_corpora, count_ids, export_top, import_token_map, load_table,
+from microspec.lab.frequency import (count_corpora, count_ids, export_top, import_token_map, load_table,
                                  save_table, top_ids)
 from microspec.policies import StaticFrequencyPolicy, load_token_map
 
@@ -35,7 +35,7 @@ def tiny(tmp_path):
 
 
 def _tok(tiny):
-    from microspec.data import load_tokenizer
+    from microspec.lab.data import load_tokenizer
     return load_tokenizer(tiny / "tokenizer.json")
 
 

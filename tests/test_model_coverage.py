@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from microspec import SpecDecoder
-from microspec.coverage import TargetTrace, batch_order, simulate
-from microspec.model_coverage import encode_pairs, sample_indices, teacher_forced_traces
+from microspec.lab.coverage import TargetTrace, batch_order, simulate
+from microspec.lab.model_coverage import encode_pairs, sample_indices, teacher_forced_traces
 from microspec.policies import InContextPolicy, VocabPolicy
 from tiny_models import EOS, PAD, VOCAB, MarkovLM, tiny_model
 
@@ -188,7 +188,7 @@ def test_text_only_ignores_model_inputs_and_errors():
 
 
 def test_trace_cache(tmp_path, monkeypatch):
-    import microspec.model_coverage as mc
+    import microspec.lab.model_coverage as mc
     model, docs = _markov(), [([1, 2], [3, 4, 5, 7]), ([6], [7, 0])]
     first = mc.cached_traces(tmp_path, model, "markov", "float64", docs, k=1, hidden=False, vocab_size=8)
     assert first[0].topk.shape == (6, 3) and first[0].hidden is not None        # a miss keeps top-3 + hidden

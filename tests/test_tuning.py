@@ -6,7 +6,7 @@ import json
 import pytest
 
 from microspec.cli import main as cli_main
-from microspec.tuning import ARCHS, CostModel, StepModel, Trial, load_latency_table, pareto_front, tune
+from microspec.lab.tuning import ARCHS, CostModel, StepModel, Trial, load_latency_table, pareto_front, tune
 
 
 def main(argv):

@@ -75,7 +75,7 @@ def frequency_ranking(args, tokenizer, vocab_size: int):
     """Token ids ranked by count over the shared fitting corpora (disjoint from the demo prompts), counted
     once per tokenizer and cached like `microspec eval`'s; ids beyond the model's head are dropped."""
     from microspec.models import cache_dir
-    from microspec.policy_labels import frequency_ranking as counted_ranking
+    from microspec.lab.policy_labels import frequency_ranking as counted_ranking
     name = "smollm2" if args.model == "smollm2" else Path(args.model).stem.lower()
     ranking, _ = counted_ranking(tokenizer, name, cache_dir() / "eval" / f"freq_{name}.safetensors")
     return ranking[ranking < vocab_size]

@@ -2,7 +2,7 @@
 
 Why a command: choosing a policy and a capacity is the first decision of a sparse-head deployment, and most
 of it can be made without a GPU: tokenize real prompt/response pairs with the target's tokenizer and replay
-them through the policies (`microspec.coverage.simulate`), text-only in seconds, or with a small real model
+them through the policies (`microspec.lab.coverage.simulate`), text-only in seconds, or with a small real model
 (`--model smollm2`) for the policies that read the target's top-k or hidden state. `microspec tune` reuses
 the data and policy plumbing here (`add_data_args`, `Setup`, `make_policy`).
 """
@@ -118,8 +118,8 @@ class Setup:
     """Tokenized evaluation corpora (+ the model and its traces when model-based), the frequency ranking."""
 
     def __init__(self, args):
-        from microspec.data import load_corpus, load_tokenizer
-        from microspec.model_coverage import encode_pairs, hf_tokenizer, model_eos_ids, sample_indices
+        from microspec.lab.data import load_corpus, load_tokenizer
+        from microspec.lab.model_coverage import encode_pairs, hf_tokenizer, model_eos_ids, sample_indices
 
         self.args, self.model, self.describe, self.chat_template = args, None, None, False
         self._traces: dict = {}
@@ -127,7 +127,7 @@ class Setup:
         if args.model:
             import torch
 
-            from microspec.hf import vocab_size_of
+            from microspec.models.hf import vocab_size_of
             from microspec.models import load_model
             self.model, hf_tok = load_model(args.model, getattr(torch, args.dtype))
             vocab = min(vocab_size_of(self.model), len(hf_tok))
@@ -165,7 +165,7 @@ class Setup:
 
     def traces(self, spec: str, k: int, hidden: bool):
         """Teacher-forced traces of one corpus with >= k top ids (and hidden states), computed once."""
-        from microspec.model_coverage import cached_traces, teacher_forced_traces
+        from microspec.lab.model_coverage import cached_traces, teacher_forced_traces
         have = self._traces.get(spec)
         if have is None or have[0] < k or (hidden and not have[1]):
             from tqdm import tqdm
@@ -189,7 +189,7 @@ class Setup:
 
     def evaluate(self, make, progress=None) -> dict:
         """{spec: CoverageResult} (plus "all" when several corpora) for a fresh policy per corpus."""
-        from microspec.coverage import CoverageResult, simulate
+        from microspec.lab.coverage import CoverageResult, simulate
         results = {}
         for spec, pairs in self.datasets.items():
             policy = make()
@@ -219,7 +219,7 @@ class Setup:
 
 def _ranking(args, tok, eval_files: set):
     """Ids most frequent first, from --token-map or by counting --fit corpora (checked against eval files)."""
-    from microspec.frequency import fit_ranking
+    from microspec.lab.frequency import fit_ranking
     from microspec.policies import load_token_map
 
     if args.token_map:
@@ -323,7 +323,7 @@ def _table(rows: list[dict]) -> str:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from microspec.coverage import compare_at_same_size, plot_coverage
+    from microspec.lab.coverage import compare_at_same_size, plot_coverage
 
     _check_args(args)
     t0 = time.perf_counter()

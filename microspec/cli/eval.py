@@ -2,7 +2,7 @@
 
 Why a command: the accepted length of each vocabulary policy, per task and as a fraction of the
 full-vocabulary drafter's, is the number the project is judged on, so it must be re-measurable from one
-committed command line. Each (mode, policy) decodes the whole subset (`microspec.evaluation.SUBSET`) with
+committed command line. Each (mode, policy) decodes the whole subset (`microspec.lab.evaluation.SUBSET`) with
 `SpecDecoder`; greedy outputs are checked against plain greedy decoding of the target; the raw per-prompt
 counters and acceptance traces go to a JSON file, the traces also to a `benchmarks/bench_e2e.py` replay file.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ._common import DTYPES
-from ..policy_labels import corpus_successors, frequency_ranking, label_options, policy_from_label
+from ..lab.policy_labels import corpus_successors, frequency_ranking, label_options, policy_from_label
 
 DEFAULT_POLICIES = ("full,static@1024,static@3072,static@32768,incontext@1024,incontext@3072,"
                     "incontext+core@1024,incontext+core@3072")

@@ -3,7 +3,7 @@
 Why a command: the policy's clusters and router are model-specific artefacts that take minutes to fit and
 milliseconds to load, so they are fitted once, saved (safetensors, no pickle) and reused by every run.
 
-Steps: split the fitting corpora (`microspec.data.FITTING_CORPORA`, never an evaluation set) into a training
+Steps: split the fitting corpora (`microspec.lab.data.FITTING_CORPORA`, never an evaluation set) into a training
 part and a held-out part by document; count token frequencies on the training part; k-means over the
 model's normalised LM-head (or embedding) rows of the ids seen there; run the model teacher-forced over
 chat-formatted (prompt, response) pairs to collect (final hidden state, next W tokens); train the
@@ -99,7 +99,7 @@ def _check(args) -> None:
 def split_pairs(corpora, holdout: float, seed: int):
     """Per corpus, a seeded shuffle of its documents: the first `holdout` share is held out. Both parts
     interleave the corpora round-robin, so the first N positions mix chat and math evenly."""
-    from microspec.data import load_pairs
+    from microspec.lab.data import load_pairs
     train, held = [], []
     rng = random.Random(seed)
     for spec in corpora:
@@ -131,7 +131,7 @@ def recall_table(policy, ranked, held, capacities, special, block, vocab_size) -
     fill (DynaSpec's union of top clusters); the token fill without and with context ids."""
     import torch
 
-    from microspec.clustering import window_recall
+    from microspec.lab.clustering import window_recall
     from microspec.policies.cluster import ClusterPolicy, pad_table
 
     target = held.windows[:, 1: 1 + block]                                           # [N, block]
@@ -165,7 +165,7 @@ def recall_table(policy, ranked, held, capacities, special, block, vocab_size) -
 def run(args) -> int:
     import torch
 
-    from microspec.data import FITTING_CORPORA
+    from microspec.lab.data import FITTING_CORPORA
     from microspec.models import find_smollm2, load_model
 
     _check(args)

@@ -78,8 +78,8 @@ def _check(args) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from microspec.data import load_tokenizer
-    from microspec.frequency import count_corpora, export_top, import_token_map, save_table
+    from microspec.lab.data import load_tokenizer
+    from microspec.lab.frequency import count_corpora, export_top, import_token_map, save_table
 
     _check(args)
     tok = load_tokenizer(args.tokenizer, kind=args.tokenizer_kind) if args.tokenizer else None

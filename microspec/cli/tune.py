@@ -2,7 +2,7 @@
 
 Why a command: the capacity that maximises draft throughput depends on the text (coverage), the head's
 real cost (bandwidth, launch floor, per-step gathers) and the drafter; a seeded search over measured
-coverage and a stated cost model makes that choice reproducible. The model is in `microspec.tuning`, the
+coverage and a stated cost model makes that choice reproducible. The model is in `microspec.lab.tuning`, the
 coverage from the same harness as `microspec coverage` (text-only or --model). Needs the `tune` extra
 (optuna).
 """
@@ -97,7 +97,7 @@ def _suggest_fn(args, vocab: int):
 
 
 def _cost(args):
-    from microspec.tuning import ARCHS, CostModel, StepModel, load_latency_table
+    from microspec.lab.tuning import ARCHS, CostModel, StepModel, load_latency_table
 
     arch = ARCHS[args.arch]
     if args.latency_table:
@@ -124,7 +124,7 @@ def _cost(args):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from microspec.tuning import plot_pareto, tune
+    from microspec.lab.tuning import plot_pareto, tune
 
     args.block = args.block or args.K + 1
     if args.trials < 1 or args.K < 1 or not 0 <= args.min_coverage <= 1:
@@ -180,7 +180,7 @@ def _full_vocab_reference(vocab: int, cost, step) -> dict:
 
 
 def _print(result, step, args, full) -> None:
-    from microspec.tuning import head_latency_per_token
+    from microspec.lab.tuning import head_latency_per_token
     w = max([len("params")] + [len(json.dumps(t.params)) for t in result.pareto])
     print(f"{'trial':>5}  {'params':<{w}} {'coverage':>8} {'mean|A|':>8} {'head us/tok':>11} {'tok/blk':>7} "
           f"{'util tok/ms':>11}")

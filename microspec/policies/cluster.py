@@ -1,7 +1,7 @@
 """`ClusterPolicy` (DynaSpec): a learned router from the context to token clusters.
 
 The vocabulary is grouped offline into k disjoint clusters (k-means over normalised LM-head rows, see
-`microspec.clustering`). A small meta-classifier maps a summary of the context to one score per cluster.
+`microspec.lab.clustering`). A small meta-classifier maps a summary of the context to one score per cluster.
 A row's active set is the special ids (EOS) and an always-in core of frequent ids, pinned in the first slots,
 then `C - pinned` ids chosen by one of two fills:
 
@@ -88,7 +88,7 @@ class ClusterPolicy(VocabPolicy):
         size_penalty: cluster fill: rank by log σ(logit) - size_penalty · log size (0: by logit).
         metadata:    strings saved with the policy (model, corpora, ...).
 
-    Example (random classifier; `microspec.clustering.fit_cluster_policy` trains one):
+    Example (random classifier; `microspec.lab.clustering.fit_cluster_policy` trains one):
         >>> table = torch.tensor([[3, 4, -1], [5, 6, 7], [8, -1, -1]])
         >>> policy = ClusterPolicy(table, MetaClassifier(4, 3), capacity=4)
         >>> policy.setup(batch_size=2, vocab_size=10, special_ids=[0], device="cpu")

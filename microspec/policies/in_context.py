@@ -12,7 +12,7 @@ What the released MicroSpec code lacks and this policy adds:
     instead of silently no longer growing (`eviction=None` keeps MicroSpec's grow-only behaviour);
   * an optional static core (`core_ids`, e.g. the most frequent ids) pinned next to the special ids, so a
     short prompt does not start from an almost empty set;
-  * optional successors (`successors`, from `microspec.frequency.successor_table`): with every prompt or
+  * optional successors (`successors`, from `microspec.lab.frequency.successor_table`): with every prompt or
     committed id, its most frequent next ids in a corpus enter too, so the later pieces of a multi-token
     word, which the target's top-k at earlier positions cannot predict, are in the set when drafted.
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from microspec import SpecDecoder
-from microspec.clustering import fit_cluster_policy, token_features
+from microspec.lab.clustering import fit_cluster_policy, token_features
 from microspec.policies.cluster import ClusterPolicy, MetaClassifier, pad_table
 from microspec.testing import PolicyContract, no_host_sync
 from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model

@@ -118,7 +118,7 @@ def test_successors_enter_with_prompt_and_committed_ids():
 
 
 def test_successor_table_from_token_streams():
-    from microspec.frequency import successor_table
+    from microspec.lab.frequency import successor_table
     table = successor_table([[1, 2, 3, 1, 2, 4, 1, 5], [2, 3]], 6, 2)
     assert table.tolist() == [[-1, -1], [2, 5], [3, 4], [1, -1], [1, -1], [-1, -1]]
     with pytest.raises(ValueError, match="outside"):

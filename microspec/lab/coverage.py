@@ -20,7 +20,7 @@ policies the estimate errs low; `block=1` gives the most frequent refresh. A fin
 Two modes:
   * text-only (`traces=None`): no target model, so `target_topk` and `hidden` are None in every hook and
     policies such as `InContextPolicy(topk=3)` lose the target's top-k predictions (they see tokens only);
-  * model-based (`traces`, built by `microspec.model_coverage`): a `TargetTrace` per document holds the
+  * model-based (`traces`, built by `microspec.lab.model_coverage`): a `TargetTrace` per document holds the
     target's top-k ids and final hidden states along the teacher-forced (prompt + response) sequence, and
     the hooks get exactly what the decoder would hand them had the target produced that response: top-k at
     every prompt position and at the committed positions of each block; the hidden state at the last prompt
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .model_coverage import HookFeed, TargetTrace, check_traces, pad_rows
-from .policies.base import VocabPolicy
+from ..policies.base import VocabPolicy
 
 __all__ = ["CoverageResult", "TargetTrace", "batch_order", "compare_at_same_size", "plot_coverage",
            "simulate"]

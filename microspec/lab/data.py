@@ -2,7 +2,7 @@
 
 Why: a vocabulary policy is only as good as the share of real model output its active set covers, and that
 can be measured without any model: tokenize real prompt/response text with the target's own tokenizer and
-replay it through the policy (`microspec.coverage`). Tokenizers ship in three formats and file names do not
+replay it through the policy (`microspec.lab.coverage`). Tokenizers ship in three formats and file names do not
 say which (Llama-3's `tokenizer.model` is tiktoken text, Llama-2's is a SentencePiece protobuf), so
 `load_tokenizer` sniffs the content. Text is always encoded without special tokens (no BOS): we measure the
 generated text, not the chat template.
@@ -28,6 +28,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from ..paths import shared_data_dir  # noqa: F401  (re-exported: lab code reads corpora from there)
 
 PAT_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 PAT_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
@@ -189,21 +191,6 @@ def _load_sentencepiece(data: bytes, name: str) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------- corpora
-def shared_data_dir(required: bool = True) -> Path | None:
-    """The shared data folder: $MICROSPEC_SHARED_DATA, else ../shared/data next to the current directory
-    or next to the repository root. Raises FileNotFoundError when absent and `required`, else None."""
-    env = os.environ.get("MICROSPEC_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd() / "../shared/data", Path(__file__).resolve().parents[1] / "../shared/data"]
-    for cand in candidates:
-        if cand.is_dir():
-            return cand.resolve()
-    if required:
-        raise FileNotFoundError(f"shared data folder not found (tried {', '.join(map(str, candidates))}); "
-                                "set MICROSPEC_SHARED_DATA")
-    return None
-
-
 def _records(path: Path) -> Iterator:
     """Raw records of a .txt (lines), .jsonl (one JSON value per line) or .json (a list) file, maybe .gz."""
     if not path.is_file():

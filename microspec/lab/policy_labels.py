@@ -9,7 +9,7 @@
     .../k<N>, .../s<N>         in-context suffixes: the target's top-N per position; N corpus successors per id
     cluster@C                  ClusterPolicy from a `microspec fit-clusters` file
 
-Frequencies and successors are counted over `microspec.data.FITTING_CORPORA` with the model's own tokenizer and
+Frequencies and successors are counted over `microspec.lab.data.FITTING_CORPORA` with the model's own tokenizer and
 cached as safetensors.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .data import FITTING_CORPORA
 
 
 def hf_tokenizer_adapter(tokenizer, name: str):
-    """A Hugging Face tokenizer behind `microspec.data.Tokenizer`, so `microspec.frequency` can count with
+    """A Hugging Face tokenizer behind `microspec.lab.data.Tokenizer`, so `microspec.lab.frequency` can count with
     the model's own tokenizer (text encoded without special tokens)."""
     from .data import Tokenizer
     eos = tokenizer.eos_token_id
@@ -33,7 +33,7 @@ def hf_tokenizer_adapter(tokenizer, name: str):
 
 def frequency_ranking(tokenizer, name: str, cache: Path | None = None):
     """Ids ranked by count over `FITTING_CORPORA` with the model's tokenizer -> (int64 [n], table metadata).
-    The counts are kept as a `microspec.frequency` safetensors table at `cache` and reused when its
+    The counts are kept as a `microspec.lab.frequency` safetensors table at `cache` and reused when its
     tokenizer name, vocabulary size and corpora match."""
     from .frequency import count_corpora, load_table, save_table
     if cache is not None and Path(cache).is_file():
@@ -55,7 +55,7 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
     file) -> a fresh policy. An in-context label may end in "/k<N>" to take the target's top-N per position
     instead of `topk` and in "/s<N>" to add each id's N most frequent successors from `successors` [V, >= N]
     (e.g. "incontext+core1024@2048/k10/s4")."""
-    from .policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+    from ..policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
     if label == "full":
         return FullVocab()
     topk, n_succ = label_options(label, topk)
@@ -82,7 +82,7 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
     if kind == "cluster":
         if cluster_file is None:
             raise ValueError(f"policy {label!r} needs --cluster-file (a `microspec fit-clusters` output)")
-        from .policies.cluster import ClusterPolicy
+        from ..policies.cluster import ClusterPolicy
         return ClusterPolicy.load(cluster_file, capacity=C)
     raise ValueError(f"unknown policy kind {kind!r}: use full, static, incontext, incontext+core, cluster")
 
@@ -104,7 +104,7 @@ def label_options(label: str, topk: int) -> tuple[int, int]:
 
 
 def corpus_successors(tokenizer, name: str, m: int, cache: Path | None = None) -> torch.Tensor:
-    """`microspec.frequency.successor_table` over `FITTING_CORPORA` with the model's tokenizer -> int64 [V, m],
+    """`microspec.lab.frequency.successor_table` over `FITTING_CORPORA` with the model's tokenizer -> int64 [V, m],
     kept at `cache` (safetensors) and reused when its tokenizer name, vocabulary size and corpora match."""
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -1,6 +1,6 @@
 """Per-task evaluation of vocabulary policies on real model pairs (the machinery of `microspec eval`).
 
-Why: coverage (`microspec.coverage`) bounds what a pruned drafter head can be accepted for, but the number
+Why: coverage (`microspec.lab.coverage`) bounds what a pruned drafter head can be accepted for, but the number
 that decides the speed-up is the mean accepted length tau of real decoding, and it depends on the task
 (code and arithmetic repeat their context; open writing does not). So every policy runs through the real
 `SpecDecoder` on a fixed, listed prompt subset, and its tau is reported per task next to the
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .data import FITTING_CORPORA, load_pairs, shared_data_dir
-from .engine import DecodeRun
-from .sampling import SamplingConfig
+from ..engine import DecodeRun
+from ..sampling import SamplingConfig
 
 # The fixed evaluation subset: task -> (file under the shared data folder, question ids). The first turn of
 # each question is the user message (chat template applied). Spec-Bench's first 80 questions are MT-bench, so

@@ -1,15 +1,15 @@
 """Model-based coverage: what a policy covers when it gets the target's top-k ids and hidden states.
 
-Why: text-only replay (`microspec.coverage`) starves the policies that read the target: NanoSpec's in-context
+Why: text-only replay (`microspec.lab.coverage`) starves the policies that read the target: NanoSpec's in-context
 set is built mostly from the target's top-3 predictions, and learned policies (`wants_hidden`, e.g. a
 DynaSpec-style ClusterPolicy) route on the target's final hidden state. Those inputs exist only with a model.
 
 Method (teacher forcing): each (prompt, response) pair is tokenized with the model's own tokenizer (the chat
 template applied to the prompt, optionally), and the target runs once over prompt + response through the
-decoder's own model path (`microspec.hf.CausalLM`, chunked prefill with a per-row static cache). At every
+decoder's own model path (`microspec.models.hf.CausalLM`, chunked prefill with a per-row static cache). At every
 position we keep the target's top-k next-token ids and, when a policy wants it, its final hidden state
 (the input of its LM head, taken by a forward pre-hook on `get_output_embeddings()`). `coverage.simulate`
-then feeds them to the policy hooks exactly as `SpecDecoder` would (see `microspec.coverage`).
+then feeds them to the policy hooks exactly as `SpecDecoder` would (see `microspec.lab.coverage`).
 
 The assumption: this is the coverage a greedy decoder would see *if the target had produced the reference
 responses*. Real greedy output is the target's argmax, so there the committed token is always the target's
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .data import Tokenizer
-from .hf import CausalLM, vocab_size_of
-from .policies.base import VocabPolicy
+from ..models.hf import CausalLM, vocab_size_of
+from ..policies.base import VocabPolicy
 
 
 @dataclass
@@ -75,7 +75,7 @@ def check_traces(policy: VocabPolicy, docs, traces) -> None:
 
 class HookFeed:
     """The hook inputs that a batch's traces give, gathered at the positions `SpecDecoder` uses (text-only:
-    `traces` None, every input None). Used by `microspec.coverage.simulate`."""
+    `traces` None, every input None). Used by `microspec.lab.coverage.simulate`."""
 
     def __init__(self, policy: VocabPolicy, traces: list[TargetTrace] | None, prompt_len: Tensor,
                  resp_len: Tensor):
@@ -115,7 +115,7 @@ class HookFeed:
 
 
 def hf_tokenizer(tokenizer, vocab_size: int, eos_ids, name: str = "model") -> Tokenizer:
-    """Wrap a Hugging Face tokenizer (e.g. the one `load_gguf` returns) as a `microspec.data.Tokenizer`
+    """Wrap a Hugging Face tokenizer (e.g. the one `load_gguf` returns) as a `microspec.lab.data.Tokenizer`
     (no special tokens added), so the coverage command can fit frequency lists with it."""
     def encode_batch(texts):
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .policies.cluster import ClusterPolicy, MetaClassifier, pad_table
+from ..policies.cluster import ClusterPolicy, MetaClassifier, pad_table
 
 _CHUNK_BYTES = 1 << 28  # distance block budget: 256 MiB
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .data import Tokenizer, load_texts
-from .policies.token_maps import load_token_map, ranked_ids_from_counts, save_token_map
+from ..policies.token_maps import load_token_map, ranked_ids_from_counts, save_token_map
 
 FORMAT = "microspec-frequency/1"
 EXPORT_SUFFIXES = (".pt", ".pth", ".json", ".txt", ".safetensors")
@@ -95,7 +95,7 @@ def successor_table(seqs, vocab_size: int, m: int) -> Tensor:
 def count_corpora(specs, tokenizer: Tokenizer, text_field: str | None = None, chunk: int = 2000,
                   progress=None) -> FrequencyTable:
     """Count the tokenizer's ids over each corpus's texts (a dataset name gives its responses; a file gives
-    `microspec.data.iter_texts`). `progress`: optional object with `update(n_texts)` and `total`."""
+    `microspec.lab.data.iter_texts`). `progress`: optional object with `update(n_texts)` and `total`."""
     if not specs:
         raise ValueError("no corpus given")
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
