@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from .outputs import GenerateOutput, SpecStats
-from .sampling import SamplingConfig, Verdict, draft_sample, exponential_race, process_logits, safe_softmax
-from .sampling import verify_greedy, verify_sampling
+from .drafting.base import Verdict
+from .sampling import SamplingConfig, draft_sample, exponential_race, process_logits, safe_softmax
+from .verification import verify_greedy, verify_sampling
 
 
 class DecodeRun:

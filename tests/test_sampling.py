@@ -23,7 +23,8 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
                                                     TopPLogitsWarper)
 
 from microspec.sampling import (SamplingConfig, acceptance_and_residual, draft_sample, exponential_race,
-                                process_logits, safe_softmax, verify_greedy, verify_sampling)
+                                process_logits, safe_softmax)
+from microspec.verification import verify_greedy, verify_sampling
 
 from stats import assert_fits
 
