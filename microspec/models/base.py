@@ -25,6 +25,9 @@ and its ancestor mask (W = T); a tree drafter expanding depth d writes the d-th 
 ones and passes the mask over all of them (W = d * top_k). Slots past a row's committed length hold stale K/V
 of rejected drafts: the rule never shows them, and later blocks overwrite them, so a rejection costs nothing.
 
+`embeds` (optional, float [B, T, D]) replaces the embedding lookup of `tokens` (feature drafters feed
+fc(concat(embedding, feature)) there); `tokens` still fix the shapes.
+
 `taps` (optional): `forward(..., taps=(i, j))` also keeps the inputs of decoder layers i, j (residual stream
 [B, T, D] each) in `backend.tapped`, for feature drafters (EAGLE-3 style); `taps=("final",)` is the hidden
 output itself and needs no hook.
@@ -58,7 +61,8 @@ class ModelBackend(Protocol):
     def allocate(self, batch_size: int, max_len: int) -> None: ...
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor | None = None,
-                tree_mask: Tensor | None = None, tree_start: Tensor | None = None) -> Tensor: ...
+                tree_mask: Tensor | None = None, tree_start: Tensor | None = None,
+                embeds: Tensor | None = None) -> Tensor: ...
 
     def logits(self, hidden: Tensor, head: nn.Module | None = None) -> Tensor: ...
 
