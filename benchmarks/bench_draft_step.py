@@ -18,12 +18,13 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, save, time_us  # noqa: E402
-from benchmarks.shapes import build  # noqa: E402
-from microspec import SpecDecoder  # noqa: E402
-from microspec.engine import DecodeRun  # noqa: E402
-from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy  # noqa: E402
-from microspec.sampling import SamplingConfig  # noqa: E402
+from benchmarks.common import environment, save, time_us
+from benchmarks.shapes import build
+from microspec import SpecDecoder
+from microspec.cli.progress import echo, progress_bar
+from microspec.drafting.base import DraftRequest
+from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+from microspec.sampling import SamplingConfig
 
 K = 5
 
@@ -32,10 +33,11 @@ def filled_run(drafter, policy, B: int, prompt_len: int, async_gather: bool = Fa
     """A started DecodeRun whose active set is full (n_active = capacity) for per-request policies."""
     dev = next(drafter.parameters()).device
     V = drafter.config.vocab_size
-    dec = SpecDecoder(drafter, drafter, policy, K, async_gather=async_gather, cuda_graph=False, compile=compile)
+    dec = SpecDecoder(drafter, drafter, policy, K, async_gather=async_gather, cuda_graph=False,
+                      compile=compile)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, V, (B, prompt_len), generator=g).to(dev)
-    run = DecodeRun(dec, ids, torch.ones_like(ids, dtype=torch.bool), 64, SamplingConfig(), [], None)
+    run, _, _ = dec.new_run(ids, max_new_tokens=64, eos_token_id=[], cuda_graph=False)
     run.start()
     while isinstance(policy, InContextPolicy) and int(policy.n_active.min()) < policy.capacity:
         commit = torch.randint(3, V, (B, K + 1), generator=g).to(dev)
@@ -69,7 +71,7 @@ def draft_step_us(dec, run, refresh: bool = True, delta: int = 0) -> float:
             swap()
         if refresh:
             dec.head.refresh()
-        run._draft(ids, n)
+        dec.proposer.propose(DraftRequest(run.tokens, run.n, ids, n, SamplingConfig()))
     return time_us(step, graph=True)
 
 
@@ -81,7 +83,8 @@ def policies(vocab: int, capacities, incontext_capacity: int):
     yield f"incontext@{incontext_capacity}", InContextPolicy(incontext_capacity, topk=3)
 
 
-def run_all(smoke: bool, compile: bool, drafters, batches) -> tuple[list[dict], list[dict]]:
+def run_all(smoke: bool, compile: bool, drafters, batches,
+            quiet: bool = False) -> tuple[list[dict], list[dict]]:
     device = "cpu" if smoke else "cuda"
     drafters = ["tiny-llama-1l"] if smoke else drafters
     # With compilation every decoder compiles its drafter: keep to the headline capacity.
@@ -89,6 +92,7 @@ def run_all(smoke: bool, compile: bool, drafters, batches) -> tuple[list[dict], 
     incontext_capacity = 256 if smoke else 3072
     batches, prompt_len = ((1, 2), 32) if smoke else (batches, 512)
     rows, overlap = [], []
+    bar = progress_bar(quiet, unit="row", desc="draft step")
     for name in drafters:
         drafter = build(name, device, torch.float32 if smoke else torch.bfloat16)
         V = drafter.config.vocab_size
@@ -101,24 +105,27 @@ def run_all(smoke: bool, compile: bool, drafters, batches) -> tuple[list[dict], 
                 n_active = float(policy.n_active.float().mean())
                 rows.append(dict(drafter=name, batch=B, policy=label, n_active=n_active, step_us=us,
                                  per_token_us=us / K, reduction=1 - us / dense_us, compiled=compile))
-                print(f"{name:16s} B={B} {label:16s} active {n_active:8.0f}  draft step {us:8.1f} us  "
-                      f"({us / K:6.1f} us/token)  {100 * (1 - us / dense_us):5.1f}% less than dense", flush=True)
+                bar.update(1)
+                echo(f"{name:16s} B={B} {label:16s} active {n_active:8.0f}  draft step {us:8.1f} us  "
+                     f"({us / K:6.1f} us/token)  {100 * (1 - us / dense_us):5.1f}% less than dense")
                 if label.startswith("incontext") and not compile:   # overlap: measured without compilation
                     delta = (K + 1) * (1 + policy.target_topk)
-                    for mode, async_gather, refresh in (("overlapped", True, True), ("serialized", False, True),
-                                                        ("absent", True, False)):
+                    modes = (("overlapped", True, True), ("serialized", False, True), ("absent", True, False))
+                    for mode, async_gather, refresh in modes:
                         dec2, run2 = filled_run(drafter, InContextPolicy(policy.capacity, 3), B, prompt_len,
                                                 async_gather, compile)
                         t = draft_step_us(dec2, run2, refresh=refresh, delta=delta if refresh else 0)
                         overlap.append(dict(drafter=name, batch=B, capacity=policy.capacity, delta_rows=delta,
                                             gather=mode, step_us=t, compiled=compile))
-                        print(f"    gather {mode:10s} ({delta} new rows/step): {t:8.1f} us", flush=True)
+                        echo(f"    gather {mode:10s} ({delta} new rows/step): {t:8.1f} us")
                     upd = policy_update_us(policy, B, V, dec.policy.device)
-                    overlap.append(dict(drafter=name, batch=B, capacity=policy.capacity, policy_update_us=upd))
-                    print(f"    InContextPolicy.on_commit: {upd:6.1f} us", flush=True)
+                    overlap.append(dict(drafter=name, batch=B, capacity=policy.capacity,
+                                        policy_update_us=upd))
+                    echo(f"    InContextPolicy.on_commit: {upd:6.1f} us")
                 del dec, run
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         del drafter
+    bar.close()
     return rows, overlap
 
 
@@ -137,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drafters", default="eagle-llama3-8b,llama3.2-1b,qwen2.5-0.5b")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar (off anyway when stderr is not a terminal)")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench_draft_step needs CUDA (or --smoke)", file=sys.stderr)
@@ -144,7 +153,7 @@ def main(argv=None) -> int:
     torch._dynamo.config.cache_size_limit = 64    # one compiled drafter per decoder built here
     with torch.inference_mode():
         rows, overlap = run_all(args.smoke, args.compile, args.drafters.split(","),
-                                tuple(map(int, args.batch.split(","))))
+                                tuple(map(int, args.batch.split(","))), args.quiet)
     if not args.smoke:
         payload = dict(env=environment(), K=K, compiled=args.compile, rows=rows, overlap=overlap,
                        command=" ".join(sys.argv))

@@ -18,6 +18,7 @@ only the comparison "draft == target's token" is replaced.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,33 +28,36 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, run_stamp, save  # noqa: E402
-from benchmarks.shapes import PAIRS, build  # noqa: E402
-from microspec import SpecDecoder  # noqa: E402
-from microspec.baseline import PlainDecoder  # noqa: E402
-from microspec.lab.policy_labels import policy_from_label  # noqa: E402
-from microspec.engine import DecodeRun  # noqa: E402
-from microspec.sampling import SamplingConfig, Verdict  # noqa: E402
+from benchmarks.common import environment, run_stamp, save
+from benchmarks.shapes import PAIRS, build
+from microspec import SpecDecoder
+from microspec.baseline import PlainDecoder
+from microspec.cli.progress import echo, progress_bar
+from microspec.drafting.base import Verdict
+from microspec.engine import DecodeRun
+from microspec.lab.policy_labels import policy_from_label
+from microspec.sampling import SamplingConfig
 
 K = 5
 
 
-class ReplayRun(DecodeRun):
-    """A decode run whose acceptance follows a trace: row b at step t accepts trace[(t + offset_b) % T]."""
+class TraceVerifier:
+    """A verifier whose acceptance follows a trace: row b at step t accepts trace[(t + offset_b) % T]. It
+    still computes the target's argmax (the real verification cost)."""
 
-    def __init__(self, *args, trace: torch.Tensor, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trace = trace.to(self.device).clamp(0, self.K)
-        self.offsets = torch.arange(self.B, device=self.device) * (len(trace) // max(self.B, 1))
-        self.t = torch.zeros((), dtype=torch.long, device=self.device)
+    def __init__(self, trace: torch.Tensor, B: int, device):
+        self.trace = trace.to(device)
+        self.offsets = torch.arange(B, device=device) * (len(trace) // max(B, 1))
+        self.t = torch.zeros((), dtype=torch.long, device=device)
 
-    def _verify(self, draft, valid, q_rows, slots, ids, t_logits) -> Verdict:
-        best = t_logits.argmax(-1)                                          # the real verification cost
-        n_acc = self.trace[(self.t + self.offsets) % len(self.trace)]
+    def __call__(self, drafts, t_logits, active_ids, cfg, uniforms=None, exp_noise=None) -> Verdict:
+        draft = drafts.tokens
+        best = t_logits.argmax(-1)                                          # [B, K+1]
+        n_acc = self.trace[(self.t + self.offsets) % len(self.trace)].clamp(0, draft.shape[1])
         self.t += 1
         padded = torch.cat([draft, best[:, -1:]], 1)
-        tokens = torch.where(self.steps_k < n_acc.unsqueeze(1), padded, best)
-        return Verdict(n_acc, tokens)
+        steps = torch.arange(padded.shape[1], device=padded.device)
+        return Verdict(n_acc, torch.where(steps < n_acc.unsqueeze(1), padded, best))
 
 
 def make_policy(label: str, vocab: int):
@@ -71,10 +75,11 @@ def prompts(B, L, vocab, device):
 def spec_tok_s(target, drafter, label, B, L, new, trace, compile=False) -> dict:
     dec = SpecDecoder(target, drafter, make_policy(label, drafter.config.vocab_size), K, compile=compile)
     ids, mask = prompts(B, L, target.config.vocab_size, next(target.parameters()).device)
-    run = ReplayRun(dec, ids, mask.bool(), new, SamplingConfig(), [], None, cuda_graph=True, trace=trace)
+    parts = dataclasses.replace(dec.parts(), verifier=TraceVerifier(trace, B, ids.device))
+    run = DecodeRun(parts, ids, mask.bool(), new, SamplingConfig(), [], None, cuda_graph=True)
     run.start()
     if torch.cuda.is_available():
-        run._capture()
+        run.capture()
         torch.cuda.synchronize()
     done0, steps0 = int(run.generated.sum()), run.num_steps
     t0 = time.perf_counter()
@@ -82,7 +87,7 @@ def spec_tok_s(target, drafter, label, B, L, new, trace, compile=False) -> dict:
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     seconds = time.perf_counter() - t0
     tokens = int(run.generated.sum()) - done0
-    stats = run._stats()
+    stats = run.summary()
     return dict(tok_s=tokens / seconds, tokens=tokens, seconds=seconds, steps=run.num_steps - steps0,
                 mean_accepted_length=stats.mean_accepted_length, mean_active=stats.mean_active_size)
 
@@ -128,11 +133,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode forwards (Inductor)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar (off anyway when stderr is not a terminal)")
     args = ap.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     (traces, source), fixed = load_traces(args.acceptance)
     print(f"acceptance {source}", flush=True)
-    pairs = {"tiny-llama": PAIRS["tiny-llama"]} if args.smoke else {t: d for t, d in PAIRS.items() if "tiny" not in t}
+    pairs = ({"tiny-llama": PAIRS["tiny-llama"]} if args.smoke
+             else {t: d for t, d in PAIRS.items() if "tiny" not in t})
     if args.pairs:
         pairs = {}
         for pair in args.pairs.split(","):
@@ -146,8 +154,11 @@ def main(argv=None) -> int:
         return save("e2e", dict(env=env, K=K, acceptance=source, prompt_len=L, new_tokens=new, rows=rows,
                                 compiled=args.compile, command=" ".join(sys.argv)), args.out, stamp)
 
+    bar = progress_bar(args.quiet, unit="row", desc="e2e")
+
     def record(row: dict) -> None:        # saved after every row: a time limit keeps what was measured
         rows.append(row)
+        bar.update(1)
         if not args.smoke:
             write()
     with torch.inference_mode():
@@ -156,11 +167,11 @@ def main(argv=None) -> int:
             for B in map(int, args.batch.split(",")):
                 r = plain_tok_s(target, B, L, new, args.compile)
                 record(dict(target=target_name, drafter=None, batch=B, method="plain", **r))
-                print(f"{target_name:11s} B={B} plain (CUDA graph)       {r['tok_s']:9.1f} tok/s", flush=True)
+                echo(f"{target_name:11s} B={B} plain (CUDA graph)       {r['tok_s']:9.1f} tok/s")
                 if B == 1:
                     r = hf_eager_tok_s(target, L, min(new, 64))
                     record(dict(target=target_name, drafter=None, batch=1, method="hf-eager", **r))
-                    print(f"{target_name:11s} B=1 hf-eager (context)     {r['tok_s']:9.1f} tok/s", flush=True)
+                    echo(f"{target_name:11s} B=1 hf-eager (context)     {r['tok_s']:9.1f} tok/s")
             for drafter_name in drafters:
                 drafter = build(drafter_name, device, torch.float32 if args.smoke else torch.bfloat16, seed=1)
                 for B in map(int, args.batch.split(",")):
@@ -171,16 +182,18 @@ def main(argv=None) -> int:
                         elif key in traces:
                             trace = torch.tensor(traces[key])
                         else:
-                            print(f"  no trace for {label}: skipped", flush=True)
+                            echo(f"  no trace for {label}: skipped")
                             continue
                         r = spec_tok_s(target, drafter, label, B, L, new, trace, args.compile)
                         record(dict(target=target_name, drafter=drafter_name, batch=B, method=f"spec:{label}",
                                          **r))
-                        print(f"{target_name:11s} B={B} {drafter_name:15s} spec:{label:15s} {r['tok_s']:9.1f} tok/s"
-                              f"  tau {r['mean_accepted_length']:.2f}  active {r['mean_active']:.0f}", flush=True)
+                        echo(f"{target_name:11s} B={B} {drafter_name:15s} spec:{label:15s} "
+                             f"{r['tok_s']:9.1f} tok/s  tau {r['mean_accepted_length']:.2f}  "
+                             f"active {r['mean_active']:.0f}")
                 del drafter
             del target
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    bar.close()
     if rows and not args.smoke:
         print(f"wrote {write()}")
     return 0

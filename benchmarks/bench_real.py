@@ -23,30 +23,29 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, save  # noqa: E402
-from microspec import SpecDecoder  # noqa: E402
-from microspec.baseline import PlainDecoder  # noqa: E402
-from microspec.engine import DecodeRun  # noqa: E402
-from microspec.models import early_exit_drafter, load_gguf  # noqa: E402
-from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, load_token_map  # noqa: E402
-from microspec.prompts import encode_chat  # noqa: E402
-from microspec.sampling import SamplingConfig  # noqa: E402
+from benchmarks.common import environment, save
+from microspec import SpecDecoder
+from microspec.baseline import PlainDecoder
+from microspec.cli.progress import echo, progress_bar
+from microspec.models import early_exit_drafter, load_gguf
+from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, load_token_map
+from microspec.prompts import encode_chat
 
 K = 5
 
 
 def spec_run(dec, ids, mask, new, eos):
     """(sequences, stats, decode tokens/s after the graph capture)."""
-    run = DecodeRun(dec, ids, mask.bool(), new, SamplingConfig(), eos, None, cuda_graph=True)
+    run, _, _ = dec.new_run(ids, mask, new, eos_token_id=eos, cuda_graph=True)
     run.start()
-    run._capture()
+    run.capture()
     torch.cuda.synchronize()
     tokens0 = int(run.generated.sum())
     t0 = time.perf_counter()
     run.run_steps()
     torch.cuda.synchronize()
     rate = (int(run.generated.sum()) - tokens0) / (time.perf_counter() - t0)
-    return run._sequences(ids, eos[0]), run._stats(), rate
+    return run.sequences(ids, eos[0]), run.summary(), rate
 
 
 def first_mismatch_gap(model, expected, got, mask):
@@ -75,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="float32: ties at bf16 resolution vanish, so every row must equal plain greedy")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar (off anyway when stderr is not a terminal)")
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
     model, tokenizer = load_gguf(args.gguf, dtype=getattr(torch, args.dtype), device="cuda")
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     policies = {"full": FullVocab, "static@1024": lambda: StaticFrequencyPolicy(ranking, 1024),
                 "incontext@1024": lambda: InContextPolicy(1024, topk=3),
                 "incontext+core@1024": lambda: InContextPolicy(1024, topk=3, core_ids=ranking[:256])}
+    bar = progress_bar(args.quiet, unit="row", desc="bench_real")
     with torch.inference_mode():
         for B in (1, 8):
             ids, mask = encode_chat(tokenizer, prompts[:B], device="cuda")
@@ -92,22 +94,27 @@ def main(argv=None) -> int:
                 model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+                model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
+                               do_sample=False)
                 torch.cuda.synchronize()
                 rows.append(dict(batch=1, method="hf-eager", tok_s=64 / (time.perf_counter() - t0)))
-                print(f"B=1 hf-eager {rows[-1]['tok_s']:8.1f} tok/s", flush=True)
+                echo(f"B=1 hf-eager {rows[-1]['tok_s']:8.1f} tok/s")
+                bar.update(1)
             compile_here = args.compile and B == 1          # compilation costs minutes: batch 1 only
             for compiled in ((False, True) if compile_here else (False,)):
                 plain = PlainDecoder(model, compile=compiled)
                 expected = plain.generate(ids, mask, max_new_tokens=args.new_tokens, eos_token_id=eos,
                                           pad_token_id=eos[0])
                 tokens, seconds = plain.steady_state
-                rows.append(dict(batch=B, method="plain" + ("+compile" if compiled else ""), tok_s=tokens / seconds))
-                print(f"B={B} {rows[-1]['method']:28s} {rows[-1]['tok_s']:8.1f} tok/s", flush=True)
+                rows.append(dict(batch=B, method="plain" + ("+compile" if compiled else ""),
+                                 tok_s=tokens / seconds))
+                echo(f"B={B} {rows[-1]['method']:28s} {rows[-1]['tok_s']:8.1f} tok/s")
+                bar.update(1)
             drafters = {"self": model, f"exit{args.exit_layers}": early_exit_drafter(model, args.exit_layers)}
             for dname, drafter in drafters.items():
                 for pname, make in policies.items():
-                    for compiled in ((False, True) if compile_here and pname == "incontext@1024" else (False,)):
+                    both = compile_here and pname == "incontext@1024"
+                    for compiled in ((False, True) if both else (False,)):
                         dec = SpecDecoder(model, drafter, make(), K, tokenizer=tokenizer, compile=compiled)
                         seqs, stats, rate = spec_run(dec, ids, mask, args.new_tokens, eos)
                         same = [bool(torch.equal(a, b)) for a, b in zip(seqs, expected)]
@@ -116,9 +123,11 @@ def main(argv=None) -> int:
                         rows.append(dict(batch=B, method=method, tok_s=rate, tau=stats.mean_accepted_length,
                                          coverage=stats.coverage, active=stats.mean_active_size,
                                          rows_equal_plain=sum(same), rows=len(same), mismatch_top2_gaps=gaps))
-                        print(f"B={B} {method:28s} {rate:8.1f} tok/s  tau {stats.mean_accepted_length:.2f}  "
-                              f"coverage {stats.coverage:.3f}  active {stats.mean_active_size:6.0f}  "
-                              f"equal {sum(same)}/{len(same)} {gaps}", flush=True)
+                        echo(f"B={B} {method:28s} {rate:8.1f} tok/s  tau {stats.mean_accepted_length:.2f}  "
+                             f"coverage {stats.coverage:.3f}  active {stats.mean_active_size:6.0f}  "
+                             f"equal {sum(same)}/{len(same)} {gaps}")
+                        bar.update(1)
+    bar.close()
     payload = dict(env=environment(), K=K, model=Path(args.gguf).name, dtype=args.dtype, prompts=prompts,
                    new_tokens=args.new_tokens,
                    rows=rows, command=" ".join(sys.argv))

@@ -5,7 +5,9 @@ import torch
 
 from benchmarks.bench_draft_step import K, filled_run
 from benchmarks.shapes import build
+from microspec.drafting.base import DraftRequest
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+from microspec.sampling import SamplingConfig
 
 CUDA = torch.cuda.is_available()
 SHAPE = "eagle-llama3-8b" if CUDA else "tiny-llama-1l"
@@ -32,7 +34,7 @@ def test_draft_step(benchmark, drafter, policy, batch):
 
     def step():
         dec.head.refresh()
-        run._draft(ids, n)
+        dec.proposer.propose(DraftRequest(run.tokens, run.n, ids, n, SamplingConfig()))
     if CUDA:
         step()
         graph = torch.cuda.CUDAGraph()

@@ -1,6 +1,8 @@
-"""Plain greedy decoding of one model through the same static-cache path, optionally captured in a CUDA graph:
-the strong baseline every speed-up is measured against (Hugging Face's eager `generate` spends most of its
-time in Python and kernel launches for small models).
+"""Plain decoding of one model on the same engine and backends as `SpecDecoder`: the baseline every speed-up
+is measured against (Hugging Face's `generate` spends most of its time in Python and kernel launches for
+small models). It is the engine with a proposer that drafts nothing: each step verifies the last committed
+token alone and commits the target's next token, so EOS, budget and padding follow the one rule of
+`microspec.engine`, and the step is captured in a CUDA graph like a speculative one.
 
 Output equals `model.generate(do_sample=False)` (same prompts, EOS and padding conventions).
 """
@@ -9,99 +11,89 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .models.hf import CausalLM
+from .drafting.base import Commit, DraftRequest, Drafts
+from .engine import DecodeRun, EngineParts
+from .policies import FullVocab
+from .sampling import SamplingConfig
+
+
+class NoDraft:
+    """The proposer of plain decoding: zero nodes per step, no head, nothing to observe."""
+
+    head = None
+    wants_target_hidden = False
+    draws_noise = False
+    num_nodes = 0
+
+    def plan(self, max_nodes: int) -> int:
+        return 0
+
+    def allocate(self, batch_size: int, max_len: int) -> None:
+        pass
+
+    def prefill(self, tokens: Tensor, positions: Tensor, target_hidden: Tensor | None) -> None:
+        pass
+
+    def propose(self, request: DraftRequest) -> Drafts:
+        empty = request.n.new_zeros(request.n.shape[0], 0)
+        return Drafts(tokens=empty, parents=empty, depth=empty, valid=empty.bool())
+
+    def observe(self, commit: Commit) -> None:
+        pass
+
+    def snapshot(self):
+        return None
+
+    def restore(self, state) -> None:
+        pass
 
 
 class PlainDecoder:
     """Greedy decoding, one token per step, per-row positions, no host sync inside a step.
 
     >>> out = PlainDecoder(model).generate(input_ids, attention_mask, max_new_tokens=128)   # [B, L + new]
+
+    backend: "hf", "lean" or "auto" (see `microspec.decoder.model_backend`). After a CUDA run,
+    `steady_state` = (tokens, seconds) decoded after the graph was captured: the rate without start-up costs.
+    After `generate`, `generated` [B] holds each row's number of new tokens.
     """
 
-    def __init__(self, model: nn.Module, cuda_graph: bool = True, prefill_chunk: int = 512, compile: bool = False):
-        self.lm = CausalLM.of(model, compile=compile)
+    def __init__(self, model: nn.Module, cuda_graph: bool = True, prefill_chunk: int = 512,
+                 compile: bool = False, backend: str = "auto"):
+        from .decoder import model_backend
+        self.lm = model_backend(model, backend, compile=compile)
+        self.policy = FullVocab()
         self.cuda_graph = cuda_graph
         self.prefill_chunk = prefill_chunk
         self.num_steps = 0
-        self.steady_state: tuple[int, float] | None = None   # (tokens, seconds) after graph capture
+        self.steady_state: tuple[int, float] | None = None
 
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
                  eos_token_id=None, pad_token_id: int = 0) -> Tensor:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         dev = self.lm.device
         ids = input_ids.to(dev)
         mask = (torch.ones_like(ids) if attention_mask is None else attention_mask).to(dev).bool()
-        B, L = ids.shape
-        S = L + max_new_tokens + 1
-        lengths = mask.sum(1)
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-        self.tokens = torch.zeros(B, S, dtype=torch.long, device=dev)
-        self.tokens[:, :L] = ids.gather(1, order).masked_fill(~mask.gather(1, order), 0)
-        eos = torch.tensor([] if eos_token_id is None else
-                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                           dtype=torch.long, device=dev)
-        self.lm.allocate(B, S)
-        last = None
-        for c0 in range(0, L, self.prefill_chunk):
-            c1 = min(L, c0 + self.prefill_chunk)
-            logits = self.lm(self.tokens[:, c0:c1], torch.arange(c0, c1, device=dev).expand(B, -1))
-            idx = (lengths - 1 - c0).clamp(0, c1 - c0 - 1).view(B, 1, 1).expand(B, 1, logits.shape[-1])
-            cand = logits.gather(1, idx).squeeze(1)
-            here = ((lengths - 1 >= c0) & (lengths - 1 < c1)).unsqueeze(1)
-            last = cand if last is None else torch.where(here, cand, last)
-        self.n, self.done = lengths.clone(), torch.zeros(B, dtype=torch.bool, device=dev)
-        self.generated = torch.zeros(B, dtype=torch.long, device=dev)
-        self.eos, self.max_new = eos, max_new_tokens
-        self._commit(last.argmax(-1))
-        graph = None
-        self.num_steps = 0
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
+                                               else [int(e) for e in eos_token_id])
+        parts = EngineParts(self.lm, NoDraft(), self.policy, self.lm.vocab_size, self.prefill_chunk)
+        run = DecodeRun(parts, ids, mask, max_new_tokens, SamplingConfig(), eos, cuda_graph=self.cuda_graph)
+        run.start()
         timer = _SteadyStateTimer(dev)
-        for _ in range(max_new_tokens - 1):
-            if self.cuda_graph and dev.type == "cuda" and graph is None:
-                graph = self._capture()
-                timer.start(self.generated)
-            elif graph is not None:
-                graph.replay()
-            else:
-                self.step()
-            self.num_steps += 1
-        self.steady_state = timer.stop(self.generated)
-        G = int(self.generated.max())
-        span = torch.arange(G, device=dev)
-        new = self.tokens.gather(1, lengths.unsqueeze(1) + span).masked_fill(span >= self.generated[:, None],
-                                                                              pad_token_id)
-        return torch.cat([ids, new], dim=1)
-
-    def _commit(self, token: Tensor) -> None:
-        live = ~self.done
-        self.tokens.scatter_(1, self.n.unsqueeze(1), token.unsqueeze(1))
-        self.done |= live & (torch.isin(token, self.eos) | (self.generated + 1 >= self.max_new))
-        self.n.add_(live.long())
-        self.generated.add_(live.long())
-
-    def step(self) -> None:
-        """One token for every unfinished row (finished rows recompute their last position, harmlessly)."""
-        pos = (self.n - 1).unsqueeze(1)
-        logits = self.lm.decode(self.tokens.gather(1, pos), pos)[:, -1]
-        self._commit(logits.argmax(-1))
-
-    def _capture(self) -> "torch.cuda.CUDAGraph":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step()                                    # a real step, as warm-up
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
-        return graph
+        if run.cuda_graph and max_new_tokens > 1:
+            run.capture()
+            timer.start(run.generated)
+        run.run_steps()
+        self.num_steps = run.num_steps
+        self.generated = run.generated        # [B] new tokens per row (the first included)
+        self.steady_state = timer.stop(run.generated)
+        return run.sequences(ids, pad_token_id)
 
 
 class _SteadyStateTimer:
-    """(tokens, seconds) decoded after the CUDA graph was captured: the decode rate without start-up costs.
-    None off CUDA or without a graph."""
+    """(tokens, seconds) decoded after the CUDA graph was captured. None off CUDA or without a graph."""
 
     def __init__(self, device: torch.device):
         self.cuda, self.begin = device.type == "cuda", None

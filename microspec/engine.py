@@ -1,41 +1,97 @@
-"""The state machine of one `SpecDecoder.generate` call: prefill, then decode steps until every row is done.
+"""`DecodeRun`: the state machine of one request batch: prefill, then decode steps until every row is done.
 
-One decode step (`step`), for all rows at once, with static shapes and no host sync:
+It is given its parts (`EngineParts`: the target backend, a proposer, a vocabulary policy) and knows nothing
+of `SpecDecoder`. One decode step (`step`), for all rows at once, with static shapes and no host sync:
 
     ids, n_act = policy.active()       the set for this block (fixed while drafting)
-    head.refresh()                     delta-gather the new rows (optionally on a side CUDA stream)
-    draft K tokens over `ids`          the drafter first re-reads [previous, last] committed tokens, so its
-                                       cache is right whether or not the last block's final draft survived
-    verify [last, d1..dK]              the target scores K+1 positions over its full vocabulary
-    commit                             accepted prefix + corrected/bonus token, cut at EOS and at the budget
-    policy.on_commit(...)              committed tokens, the target's top-k at committed positions, and
-                                       (if wanted) the target's hidden state at the newest committed input
+    proposer.head.refresh()            delta-gather the newly admitted head rows
+    drafts = proposer.propose(...)     N draft nodes: a chain, or a tree with its ancestor mask
+    target.forward(block)              the target scores [last committed, node 1..N] over its full vocabulary
+    verdict = verify(...)              `microspec.verification`: greedy or lossless sampling, chain or tree
+    commit                             accepted path + corrected/bonus token, cut at EOS and at the budget;
+                                       a tree's accepted K/V move into their final cache slots
+    policy.on_commit, proposer.observe, observers
 
 Per-row state: `tokens` [B, S] (prompt and generated tokens compacted to the left: position = slot),
-`n` [B] committed length, `generated` [B], `done` [B]; S = longest prompt + max_new_tokens + K + 1.
+`n` [B] committed length, `generated` [B], `done` [B]; S = longest prompt + max_new_tokens + N + 1.
 Every state tensor is updated in place and RNG lives in noise buffers refilled before each step
-(`_draw_noise`), so on CUDA the whole step is captured once in a CUDA graph and replayed.
+(`draw_noise`), so on CUDA the whole step is captured once in a CUDA graph (`capture`) and replayed.
+
+Observers (`observers=[...]`) see a `StepRecord` of device tensors at the end of every step; inside a
+captured step they must stay on the device (the record's tensors are live buffers: copy what you keep).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .drafting.base import Commit, DraftRequest, Drafts, Proposer
+from .models.base import ModelBackend
 from .outputs import GenerateOutput, SpecStats
-from .drafting.base import Verdict
-from .sampling import SamplingConfig, draft_sample, exponential_race, process_logits, safe_softmax
-from .verification import verify_greedy, verify_sampling
+from .policies import VocabPolicy
+from .sampling import SamplingConfig, exponential_race, invalid_rows, process_logits, safe_softmax
+from .verification import Verdict, verify
+
+
+@dataclass
+class EngineParts:
+    """What a run is made of. vocab_size: ids the policy may hold (the shared vocabulary, <= the target's).
+    verifier: decides what a block commits (swap it to impose acceptance, as `benchmarks/bench_e2e.py` does)."""
+
+    target: ModelBackend
+    proposer: Proposer
+    policy: VocabPolicy
+    vocab_size: int
+    prefill_chunk: int = 512
+    verifier: Callable[..., Verdict] = verify   # `microspec.verification.verify`'s signature
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.target.vocab_size
+
+
+@dataclass
+class StepRecord:
+    """One decode step as observers see it (device tensors; M = longest committed block).
+
+    live [B] bool (row was unfinished), n_accepted [B], n_commit [B], tokens [B, M], mask [B, M] (committed),
+    in_set [B, M] (token was in the active set used to draft), n_active [B] (active-set size of the row).
+    """
+
+    live: Tensor
+    n_accepted: Tensor
+    n_commit: Tensor
+    tokens: Tensor
+    mask: Tensor
+    in_set: Tensor
+    n_active: Tensor
+
+
+@dataclass
+class Prefilled:
+    """What the prefill hands the first step: the target's logits at each row's last prompt position [B, V],
+    its top-k ids at every prompt position [B, L, k] (policies that want them) and its final hidden states at
+    every prompt position [B, L, D] (learned policies and feature drafters)."""
+
+    last_logits: Tensor
+    topk: Tensor | None
+    hidden: Tensor | None
 
 
 class DecodeRun:
-    def __init__(self, dec, input_ids: Tensor, mask: Tensor, max_new: int, cfg: SamplingConfig,
-                 eos: list[int], generator, cuda_graph: bool = False):
-        self.dec, self.policy, self.head = dec, dec.policy, dec.head
+    def __init__(self, parts: EngineParts, input_ids: Tensor, mask: Tensor, max_new: int, cfg: SamplingConfig,
+                 eos: list[int], generator=None, *, cuda_graph: bool = False, observers=(), streamer=None):
+        self.parts, self.policy, self.proposer, self.target = parts, parts.policy, parts.proposer, parts.target
         self.cfg, self.max_new, self.generator = cfg, max_new, generator
+        self.observers, self.streamer = list(observers), streamer
         B, L = input_ids.shape
-        K, dev = dec.K, input_ids.device
-        self.B, self.L, self.K, self.device = B, L, K, dev
-        self.S = L + max_new + K + 1
+        # Never draft more than the budget can commit (K = 10**6 with 3 new tokens drafts 2).
+        N, dev = parts.proposer.plan(max(1, max_new - 1)), input_ids.device
+        self.B, self.L, self.N, self.device = B, L, N, dev
+        self.S = L + max_new + N + 1
         self.cuda_graph = cuda_graph and dev.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         # Compact each prompt to the left: slot = position, so rows advance independently.
@@ -48,11 +104,11 @@ class DecodeRun:
         self.generated = torch.zeros(B, dtype=torch.long, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(eos, dtype=torch.long, device=dev)
-        self.steps_k = torch.arange(K + 1, device=dev)
-        self.nan_seen = torch.zeros(2, dtype=torch.bool, device=dev)                     # [target, drafter]
+        self.block = torch.arange(N + 1, device=dev)                                    # [N+1]
+        self.nan_seen = torch.zeros(1, dtype=torch.bool, device=dev)                     # target (drafter: its own)
         self.stats = {name: torch.zeros((), dtype=torch.long, device=dev)
                       for name in ("row_steps", "accepted", "committed", "covered", "active")}
-        self.histogram = torch.zeros(K + 1, dtype=torch.long, device=dev)
+        self.histogram = torch.zeros(N + 1, dtype=torch.long, device=dev)
         self.num_steps = 0
 
     # ------------------------------------------------------------------ randomness (outside the step)
@@ -72,43 +128,49 @@ class DecodeRun:
             return
         C = self.policy.active_ids.shape[1]
         f64 = dict(dtype=torch.float64, device=self.device)
-        self.draft_noise = torch.empty(self.B, self.K, C, **f64)
-        self.next_noise = torch.empty(self.B, self.dec.target_vocab_size, **f64)
-        self.uniforms = torch.empty(self.B, self.K, **f64)
+        # Only sampled chains draw their drafts from noise; top-k trees need none (and [B, N, V] would be big).
+        self.draft_noise = torch.empty(self.B, self.N if self.proposer.draws_noise else 0, C, **f64)
+        self.uniforms = torch.empty(self.B, self.N, **f64)
+        self.next_noise = torch.empty(self.B, self.parts.target_vocab_size, **f64)
 
-    def _draw_noise(self) -> None:
+    def draw_noise(self) -> None:
+        """Refill the step's noise buffers (host side, before each step or graph replay)."""
         if self.cfg.do_sample:
             self._fill_exponential(self.draft_noise)
             self._fill_uniform(self.uniforms)
             self._fill_exponential(self.next_noise)
 
-    # ------------------------------------------------------------------ prefill
-    def _prefill(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Run both models over the prompts in chunks. Returns the target's logits at each row's last
-        prompt position [B, V], its top-k ids at every position [B, L, k] (if the policy wants them) and its
-        final hidden state at the last prompt position [B, D] (if the policy wants it)."""
+    # ------------------------------------------------------------------ prefill (host-driven)
+    def prefill(self) -> Prefilled:
+        """Run the target and the proposer over the prompts in chunks of `parts.prefill_chunk` positions."""
         B, L, dev = self.B, self.L, self.device
-        k = self.policy.target_topk
+        k, chunk_len = self.policy.target_topk, self.parts.prefill_chunk
+        want_hidden = self.policy.wants_hidden or self.proposer.wants_target_hidden
         topk = torch.zeros(B, L, k, dtype=torch.long, device=dev) if k else None
+        hidden = None
         last_pos = self.lengths - 1
-        last = hidden = None
-        for c0 in range(0, L, self.dec.prefill_chunk):
-            c1 = min(L, c0 + self.dec.prefill_chunk)
+        last = None
+        for c0 in range(0, L, chunk_len):
+            c1 = min(L, c0 + chunk_len)
             chunk = self.tokens[:, c0:c1]
             pos = torch.arange(c0, c1, device=dev).expand(B, -1)
-            logits = self.dec.target(chunk, pos)                                         # [B, T, V]
-            self.nan_seen[0] |= torch.isnan(logits).any()
-            if k:  # over the shared vocabulary only: the policy cannot hold target-only ids
-                topk[:, c0:c1] = torch.topk(logits[..., : self.dec.vocab_size], k, dim=-1).indices
-            here = (last_pos >= c0) & (last_pos < c1)
+            h = self.target.forward(chunk, pos, eager=True)                              # [B, T, D]
+            if want_hidden:
+                hidden = h if hidden is None else torch.cat([hidden, h], 1)
             idx = (last_pos - c0).clamp(0, c1 - c0 - 1)
-            cand = _pick(logits, idx)
-            last = cand if last is None else torch.where(here.unsqueeze(1), cand, last)
-            if self.policy.wants_hidden:
-                cand = _pick(self.dec.target.hidden, idx)
-                hidden = cand if hidden is None else torch.where(here.unsqueeze(1), cand, hidden)
-            self.dec.drafter(chunk, pos, last_only=True)                                 # fills its cache
-        return last, topk, hidden
+            here = ((last_pos >= c0) & (last_pos < c1)).unsqueeze(1)
+            if k:  # over the shared vocabulary only: the policy cannot hold target-only ids
+                logits = self.target.logits(h)                                            # [B, T, V]
+                self.nan_seen[0] |= torch.isnan(logits).any()
+                topk[:, c0:c1] = torch.topk(logits[..., : self.parts.vocab_size], k, dim=-1).indices
+                cand = _pick(logits, idx)
+            else:
+                cand = self.target.logits(_pick(h, idx).unsqueeze(1))[:, 0]
+                self.nan_seen[0] |= torch.isnan(cand).any()
+            last = cand if last is None else torch.where(here, cand, last)
+            self.proposer.prefill(chunk, pos, h if self.proposer.wants_target_hidden else None)
+        self.nan_seen[0] |= invalid_rows(last, self.cfg).any()
+        return Prefilled(last, topk, hidden)
 
     def _first_token(self, logits: Tensor) -> Tensor:
         if not self.cfg.do_sample:
@@ -117,104 +179,127 @@ class DecodeRun:
         noise = self._fill_exponential(torch.empty(probs.shape, dtype=torch.float64, device=self.device))
         return exponential_race(probs, noise)
 
-    # ------------------------------------------------------------------ one decode step (capturable)
-    def _draft_logits(self, tokens: Tensor, positions: Tensor, n_act: Tensor) -> Tensor:
-        logits = self.dec.drafter.decode(tokens, positions, last_only=True)[:, -1]      # [B, C]
-        self.nan_seen[1] |= torch.isnan(logits).any()
-        # Re-mask padding: model-side logit transforms (soft-capping) must not revive it.
-        pad = torch.arange(logits.shape[-1], device=logits.device) >= n_act.unsqueeze(-1)
-        return logits.masked_fill(pad, float("-inf"))
-
-    def _draft(self, ids: Tensor, n_act: Tensor):
-        """K drafts per row: tokens [B, K], valid [B, K], q over slots [B, K, C], slots [B, K]."""
-        n, cfg = self.n, self.cfg
-        ctx = torch.stack([n - 2, n - 1], dim=1)                                         # [B, 2]
-        logits = self._draft_logits(self.tokens.gather(1, ctx), ctx, n_act)
-        drafts, slots, has_mass, q_rows = [], [], [], []
-        for i in range(self.K):
-            slot, q, ok = draft_sample(logits, cfg, self.draft_noise[:, i] if cfg.do_sample else None)
-            token = self.head.token_ids(slot.unsqueeze(1)).squeeze(1).clamp(min=0)
-            drafts.append(token), slots.append(slot), has_mass.append(ok), q_rows.append(q)
-            if i + 1 < self.K:
-                logits = self._draft_logits(token.unsqueeze(1), (n + i).unsqueeze(1), n_act)
-        valid = torch.stack(has_mass, 1).long().cumprod(1).bool()                       # stop at a dry row
-        return torch.stack(drafts, 1), valid, torch.stack(q_rows, 1), torch.stack(slots, 1)
-
-    def _verify(self, draft, valid, q_rows, slots, ids, t_logits) -> Verdict:
-        if self.cfg.do_sample:
-            return verify_sampling(draft, valid, q_rows, slots, ids, t_logits, self.cfg, self.uniforms,
-                                   self.next_noise)
-        return verify_greedy(draft, valid, t_logits)
-
-    def step(self) -> None:
-        K, n = self.K, self.n
-        ids, n_act = self.policy.active()                                                # [R, C], [R]
-        self.head.refresh()
-        draft, valid, q_rows, slots = self._draft(ids, n_act)
-        last = self.tokens.gather(1, (n - 1).unsqueeze(1))
-        positions = (n - 1).unsqueeze(1) + self.steps_k                                  # [B, K+1]
-        t_logits = self.dec.target.decode(torch.cat([last, draft], 1), positions)       # [B, K+1, V]
-        self.nan_seen[0] |= torch.isnan(t_logits).any()
-        verdict = self._verify(draft, valid, q_rows, slots, ids, t_logits)
-        # --- commit: cut at the first EOS and at the token budget; finished rows commit nothing
-        live = ~self.done
-        n_commit = verdict.n_accepted + 1
-        is_eos = torch.isin(verdict.tokens, self.eos) & (self.steps_k < n_commit.unsqueeze(1))
-        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), K + 1)
-        n_commit = torch.minimum(torch.minimum(n_commit, first_eos + 1), self.max_new - self.generated) * live
-        commit_mask = self.steps_k < n_commit.unsqueeze(1)                               # [B, K+1]
-        self.tokens.scatter_(1, n.unsqueeze(1) + self.steps_k, verdict.tokens)
-        # Account before the policy update: `ids` / `n_act` are the policy's live buffers.
-        self._account(verdict.n_accepted, verdict.tokens, commit_mask, n_commit, live, ids, n_act)
-        k = self.policy.target_topk
-        topk = torch.topk(t_logits[..., : self.dec.vocab_size], k, dim=-1).indices if k else None
-        hidden = None
-        if self.policy.wants_hidden:  # newest position whose input is committed: index n_commit - 1
-            hidden = _pick(self.dec.target.hidden, (n_commit - 1).clamp(min=0))
-        self.policy.on_commit(verdict.tokens, commit_mask & (verdict.tokens < self.dec.vocab_size), topk,
-                              hidden=hidden)
-        self.done |= (is_eos & commit_mask).any(1) | (self.generated + n_commit >= self.max_new)
-        self.n.add_(n_commit)
-        self.generated.add_(n_commit)
-
-    def _account(self, n_acc, tokens, commit_mask, n_commit, live, ids, n_act) -> None:
-        ids_b = ids.expand(self.B, -1)
-        in_set = (tokens.unsqueeze(-1) == ids_b.unsqueeze(1)).any(-1)                    # [B, K+1]
-        s = self.stats
-        s["row_steps"] += live.sum()
-        s["accepted"] += (n_acc * live).sum()
-        s["committed"] += n_commit.sum()
-        s["covered"] += (in_set & commit_mask).sum()
-        s["active"] += (n_act.expand(self.B) * live).sum()
-        self.histogram.scatter_add_(0, n_acc, live.long())
-
-    # ------------------------------------------------------------------ driver (host side)
-    def start(self) -> None:
-        """Host-side set-up and prefill: caches, policy, head binding, noise buffers, the first token."""
-        dec, policy = self.dec, self.policy
-        dec.target.allocate(self.B, self.S)
-        dec.drafter.allocate(self.B, self.S)
-        dec.target.capture_hidden(policy.wants_hidden)
-        eos_in_vocab = [e for e in self.eos.tolist() if e < dec.vocab_size]
-        policy.setup(self.B, dec.vocab_size, eos_in_vocab, self.device)
-        self.head.bind(*policy.active())
+    def start(self, prefilled: Prefilled | None = None) -> None:
+        """Host-side set-up and prefill: caches, policy, head binding, noise buffers, the first token.
+        `prefilled` (from an earlier `prefill()` of the same batch, with the caches restored) skips the prompt
+        forwards."""
+        policy, parts = self.policy, self.parts
+        self.target.allocate(self.B, self.S)
+        self.proposer.allocate(self.B, self.S)
+        eos_in_vocab = [e for e in self.eos.tolist() if e < parts.vocab_size]
+        policy.setup(self.B, parts.vocab_size, eos_in_vocab, self.device)
+        if self.proposer.head is not None:
+            self.proposer.head.bind(*policy.active())
         self._allocate_noise()
-        last_logits, topk, hidden = self._prefill()
+        pre = prefilled if prefilled is not None else self.prefill()
         prompt = self.tokens[:, : self.L]
-        policy.on_prefill(prompt, self.prompt_mask & (prompt < dec.vocab_size), topk, hidden=hidden)
-        first = self._first_token(last_logits)
+        last_hidden = None if pre.hidden is None else _pick(pre.hidden, self.lengths - 1)     # [B, D]
+        policy.on_prefill(prompt, self.prompt_mask & (prompt < parts.vocab_size), pre.topk,
+                          hidden=last_hidden if policy.wants_hidden else None)
+        first = self._first_token(pre.last_logits)
+        n_before = self.n.clone()
         self.tokens.scatter_(1, self.n.unsqueeze(1), first.unsqueeze(1))
         self.n.add_(1)
         self.generated.add_(1)
         self.done |= torch.isin(first, self.eos) | (self.max_new <= 1)
-        policy.on_commit(first.unsqueeze(1), (first < dec.vocab_size).unsqueeze(1), hidden=hidden)
+        policy.on_commit(first.unsqueeze(1), (first < parts.vocab_size).unsqueeze(1),
+                         hidden=last_hidden if policy.wants_hidden else None)
+        ones = torch.ones(self.B, dtype=torch.long, device=self.device)
+        self.proposer.observe(Commit(n_before, first.unsqueeze(1), ones, ones.bool().unsqueeze(1),
+                                     torch.zeros_like(first).unsqueeze(1),
+                                     None if last_hidden is None else last_hidden.unsqueeze(1)))
+        if self.streamer is not None:
+            self.streamer.put(first[:1].cpu())
 
-    def _capture(self) -> None:
+    # ------------------------------------------------------------------ one decode step (capturable)
+    def step(self) -> None:
+        n, parts = self.n, self.parts
+        ids, n_act = self.policy.active()                                                # [R, C], [R]
+        if self.proposer.head is not None:
+            self.proposer.head.refresh()
+        drafts = self.proposer.propose(DraftRequest(self.tokens, n, ids, n_act, self.cfg,
+                                                    self.draft_noise if self.cfg.do_sample else None))
+        block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)   # [B, N+1]
+        depth = torch.cat([torch.zeros_like(n).unsqueeze(1), drafts.depth], 1)
+        hidden = self.target.forward(block, (n - 1).unsqueeze(1) + depth, (n - 1).unsqueeze(1) + self.block,
+                                     tree_mask=drafts.tree_mask)                         # [B, N+1, D]
+        t_logits = self.target.logits(hidden)                                            # [B, N+1, V]
+        verdict = self.parts.verifier(drafts, t_logits, ids, self.cfg, self.uniforms if self.cfg.do_sample else None,
+                         self.next_noise if self.cfg.do_sample else None)
+        path = verdict.path if verdict.path is not None else self.block[: verdict.tokens.shape[1]].expand(
+            self.B, -1)                                                                  # [B, M]
+        # Raise at the end (no sync here) where a committed token came from logits transformers refuses:
+        # NaN, or when sampling +inf / no finite logit (torch.multinomial raises on those).
+        used = self.block[: path.shape[1]] <= verdict.n_accepted.unsqueeze(1)            # [B, M]
+        bad = invalid_rows(t_logits, self.cfg).gather(1, path)                           # [B, M]
+        self.nan_seen[0] |= (bad & used & ~self.done.unsqueeze(1)).any()
+        if not drafts.is_chain:  # the accepted nodes' K/V move to the slots their positions own
+            self.target.move_kv((n - 1).unsqueeze(1) + path, (n - 1).unsqueeze(1) + self.block[: path.shape[1]])
+        self._commit(verdict, path, drafts, t_logits, hidden, ids, n_act)
+
+    def _commit(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor, hidden: Tensor,
+                ids: Tensor, n_act: Tensor) -> None:
+        """Cut at the first EOS and at the token budget; finished rows commit nothing."""
+        n, M, parts = self.n, verdict.tokens.shape[1], self.parts
+        steps = self.block[:M]
+        live = ~self.done
+        n_commit = verdict.n_accepted + 1
+        is_eos = torch.isin(verdict.tokens, self.eos) & (steps < n_commit.unsqueeze(1))
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), M)
+        n_commit = torch.minimum(torch.minimum(n_commit, first_eos + 1), self.max_new - self.generated) * live
+        mask = steps < n_commit.unsqueeze(1)                                             # [B, M]
+        self.tokens.scatter_(1, n.unsqueeze(1) + steps, verdict.tokens)
+        # Account before the policy update: `ids` / `n_act` are the policy's live buffers.
+        if self.N:
+            in_set = (verdict.tokens.unsqueeze(-1) == ids.expand(self.B, -1).unsqueeze(1)).any(-1)   # [B, M]
+        else:  # plain decoding: nothing was drafted, so there is no set to miss
+            in_set = torch.ones_like(verdict.tokens, dtype=torch.bool)
+        record = StepRecord(live, verdict.n_accepted, n_commit, verdict.tokens, mask, in_set,
+                            n_act.expand(self.B).clone())                # the policy updates n_act below
+        self._account(record)
+        k, policy = self.policy.target_topk, self.policy
+        shared_logits = t_logits[..., : parts.vocab_size]          # the policy cannot hold target-only ids
+        block_topk = torch.topk(shared_logits, k, dim=-1).indices if k and policy.wants_block else None
+        topk = None
+        if block_topk is not None:   # the target's top-k at each committed token's input position (the path)
+            topk = block_topk.gather(1, path.unsqueeze(-1).expand(-1, -1, k))             # [B, M, k]
+        elif k:
+            at_path = shared_logits.gather(1, path.unsqueeze(-1).expand(-1, -1, parts.vocab_size))
+            topk = torch.topk(at_path, k, dim=-1).indices                                # [B, M, k]
+        if policy.wants_block:
+            block_mask = torch.cat([live.unsqueeze(1), drafts.valid & live.unsqueeze(1)], 1)
+            block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)
+            policy.on_block(block, block_mask & (block < parts.vocab_size), block_topk)
+        newest = None
+        if self.policy.wants_hidden:  # newest position whose input is committed
+            newest = _pick(hidden, path.gather(1, (n_commit - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
+        self.policy.on_commit(verdict.tokens, mask & (verdict.tokens < parts.vocab_size), topk, hidden=newest)
+        self.proposer.observe(Commit(n.clone(), verdict.tokens, n_commit, mask, path,
+                                     hidden if self.proposer.wants_target_hidden else None))
+        self.done |= (is_eos & mask).any(1) | (self.generated + n_commit >= self.max_new)
+        self.n.add_(n_commit)
+        self.generated.add_(n_commit)
+        for observer in self.observers:
+            observer(record)
+        if self.streamer is not None:
+            self.streamer.put(verdict.tokens[0][mask[0]].cpu())
+
+    def _account(self, r: StepRecord) -> None:
+        s = self.stats
+        s["row_steps"] += r.live.sum()
+        s["accepted"] += (r.n_accepted * r.live).sum()
+        s["committed"] += r.n_commit.sum()
+        s["covered"] += (r.in_set & r.mask).sum()
+        s["active"] += (r.n_active * r.live).sum()
+        self.histogram.scatter_add_(0, r.n_accepted, r.live.long())
+
+    # ------------------------------------------------------------------ driver (host side)
+    def capture(self) -> None:
         """Run one real step on a side stream (warm-up, as CUDA graphs require), then capture the next."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._draw_noise()
+            self.draw_noise()
             self.step()
             self.num_steps += 1
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -222,26 +307,29 @@ class DecodeRun:
         with torch.cuda.graph(self.graph):
             self.step()
 
-    def run_steps(self, watcher: "_DoneWatcher | None" = None) -> None:
+    def run_steps(self, watcher: _DoneWatcher | None = None) -> None:
         """Decode until every row is done (each live row commits >= 1 token per step)."""
-        watcher = watcher or _DoneWatcher(self.device)
+        watcher = watcher or _DoneWatcher(self.device, eager=self.streamer is not None)
         while self.num_steps < self.max_new - 1 and not watcher.all_done(self.done):
-            if self.cuda_graph and self.graph is None:
-                self._capture()
+            if self.cuda_graph and self.graph is None and self.streamer is None:
+                self.capture()
                 continue
-            self._draw_noise()
+            self.draw_noise()
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self.step()
             self.num_steps += 1
+        if self.streamer is not None:
+            self.streamer.end()
 
     def execute(self, original_ids: Tensor, pad: int) -> GenerateOutput:
         self.start()
         self.run_steps()
-        return GenerateOutput(self._sequences(original_ids, pad), self._stats())
+        return GenerateOutput(self.sequences(original_ids, pad), self.summary())
 
-    def _sequences(self, original_ids: Tensor, pad: int) -> Tensor:
+    def sequences(self, original_ids: Tensor, pad: int) -> Tensor:
+        """[B, L + new]: the caller's prompt (padding included), then each row's new tokens padded with `pad`."""
         self._raise_on_nan()
         G = int(self.generated.max())
         span = torch.arange(G, device=self.device)
@@ -250,17 +338,20 @@ class DecodeRun:
         return torch.cat([original_ids.to(self.device), new], dim=1)
 
     def _raise_on_nan(self) -> None:
-        target_nan, drafter_nan = self.nan_seen.tolist()
+        nan = getattr(self.proposer, "nan_seen", None)
+        target_nan, drafter_nan = bool(self.nan_seen[0]), bool(nan) if nan is not None else False
         if target_nan or drafter_nan:
             which = "target" if target_nan else "drafter"
-            raise FloatingPointError(f"NaN in the {which} logits; generated tokens would not be trustworthy")
+            what = "NaN" if drafter_nan and not target_nan else "NaN, +inf or no finite logit"
+            raise FloatingPointError(f"{what} in the {which} logits (torch.multinomial would raise here); "
+                                     "generated tokens would not be trustworthy")
 
-    def _stats(self) -> SpecStats:
+    def summary(self) -> SpecStats:
         s = {k: int(v) for k, v in self.stats.items()}
         rows = max(s["row_steps"], 1)
         return SpecStats(
             mean_accepted_length=1.0 + s["accepted"] / rows,
-            acceptance_rate=s["accepted"] / (self.K * rows),
+            acceptance_rate=s["accepted"] / (max(self.N, 1) * rows),
             num_verify_steps=self.num_steps,
             mean_active_size=s["active"] / rows,
             coverage=s["covered"] / max(s["committed"], 1),
@@ -278,10 +369,10 @@ def _pick(x: Tensor, idx: Tensor) -> Tensor:
 
 class _DoneWatcher:
     """Decides when to stop the loop. On CUDA it reads the done flag one step late, through pinned memory,
-    so the host never waits for the step it just queued; elsewhere it reads the flag directly."""
+    so the host never waits for the step it just queued; elsewhere (or when `eager`) it reads it directly."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, eager: bool = False):
+        self.cuda = device.type == "cuda" and not eager
         if self.cuda:
             self.flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
             self.events = [torch.cuda.Event(), torch.cuda.Event()]

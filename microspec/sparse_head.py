@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .kernels import delta_gather_, packed_logits, sparse_logits
+from .kernels import check_active_set, delta_gather_, packed_logits, sparse_logits
 
 MODES = ("repack", "gather", "dense")
 
@@ -71,6 +71,8 @@ class SparseLMHead(nn.Module):
                 raise ValueError(f"dense head has {self.weight.shape[0]} rows, active set wants {C}")
             if not bool((active_ids == torch.arange(C, device=active_ids.device)).all()):
                 raise ValueError("dense mode needs the active set arange(C) in every row (FullVocab)")
+        else:  # the one host-side check of the ids: the per-step kernel calls below skip it (no sync)
+            check_active_set(active_ids, n_active, self.weight.shape[0])
         self.active_ids, self.n_active = active_ids, n_active
         if self.mode == "repack":
             shape = (*active_ids.shape, self.weight.shape[1])
@@ -88,11 +90,11 @@ class SparseLMHead(nn.Module):
         if self.mode != "repack":
             return
         if self._stream is None:
-            delta_gather_(self.weight, self.active_ids, self.resident, self.rows)
+            delta_gather_(self.weight, self.active_ids, self.resident, self.rows, validate=False)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.weight.device))   # the policy update
         with torch.cuda.stream(self._stream):
-            delta_gather_(self.weight, self.active_ids, self.resident, self.rows)
+            delta_gather_(self.weight, self.active_ids, self.resident, self.rows, validate=False)
             self._ready.record()
         self._pending = True
 
@@ -105,11 +107,11 @@ class SparseLMHead(nn.Module):
             C = self.active_ids.shape[1]
             logits = torch.matmul(h, self.weight[:C].T).to(torch.promote_types(h.dtype, torch.float32))
         elif self.mode == "gather":
-            logits = sparse_logits(h, self.weight, self.active_ids, self.n_active)
+            logits = sparse_logits(h, self.weight, self.active_ids, self.n_active, validate=False)
         else:
             if self._pending:  # join the side stream only now, after the drafter's layers were queued
                 self._join_gather(h.device)
-            logits = packed_logits(h, self.rows, self.n_active)
+            logits = packed_logits(h, self.rows, self.n_active, validate=False)
         return logits.squeeze(1) if squeeze else logits
 
     @torch.compiler.disable
@@ -126,7 +128,8 @@ class SparseLMHead(nn.Module):
 
     def extra_repr(self) -> str:
         cap = None if self.active_ids is None else self.active_ids.shape[1]
-        return f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}, capacity={cap}, mode={self.mode}"
+        return (f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}, capacity={cap}, "
+                f"mode={self.mode}")
 
 
 @dataclass
@@ -143,21 +146,28 @@ class HeadSwap:
         self.model.set_output_embeddings(self.original)
 
 
-def sparsify_lm_head_(model: nn.Module, mode: str = "repack", async_gather: bool = True) -> HeadSwap:
-    """Replace `model`'s output head (a Hugging Face causal LM's `lm_head`) by a `SparseLMHead`, in place.
+def sparse_head_for(head: nn.Module, mode: str = "repack", async_gather: bool = True) -> SparseLMHead:
+    """A `SparseLMHead` over the weight of an output head `head` (shared by reference, never copied).
 
-    Raises TypeError if the model exposes no `nn.Linear` output head, or one with a bias (a pruned head
-    would silently drop or misalign it).
+    Raises TypeError unless `head` is an `nn.Linear` without bias (a pruned head would silently drop or
+    misalign a bias).
     """
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
     if isinstance(head, SparseLMHead):
         raise TypeError("the model's output head is already a SparseLMHead")
     if not isinstance(head, nn.Linear):
-        raise TypeError(f"{type(model).__name__} has no nn.Linear output head to sparsify (found "
-                        f"{type(head).__name__})")
+        raise TypeError(f"no nn.Linear output head to sparsify (found {type(head).__name__})")
     if head.bias is not None:
         raise TypeError("output heads with a bias are not supported")
-    sparse = SparseLMHead(head.weight, mode=mode, async_gather=async_gather)
+    return SparseLMHead(head.weight, mode=mode, async_gather=async_gather)
+
+
+def sparsify_lm_head_(model: nn.Module, mode: str = "repack", async_gather: bool = True) -> HeadSwap:
+    """Replace `model`'s output head (a Hugging Face causal LM's `lm_head`) by a `SparseLMHead`, in place.
+
+    Raises TypeError if the model exposes no `nn.Linear` output head, or one with a bias.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    sparse = sparse_head_for(get() if callable(get) else None, mode=mode, async_gather=async_gather)
+    original = model.get_output_embeddings()
     model.set_output_embeddings(sparse)
-    return HeadSwap(model, head, sparse)
+    return HeadSwap(model, original, sparse)

@@ -1,5 +1,5 @@
-"""`microspec.lab.evaluation` (the machinery of `microspec eval`) on tiny random models: per-row logs add up to
-the engine's own statistics, per-task aggregation is right on a hand-checked case, the trace file is what
+"""`microspec.lab.evaluation` (the machinery of `microspec eval`) on tiny random models: per-row logs add up
+to the engine's own statistics, per-task aggregation is right on a hand-checked case, the trace file is what
 `benchmarks/bench_e2e.py` reads, the prefill reuse changes nothing, and the greedy check finds a mismatch."""
 import json
 import sys
@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
 
 from microspec import SpecDecoder
-from microspec import evaluation as ev
 from microspec.baseline import PlainDecoder
-from microspec.lab.policy_labels import policy_from_label
-from microspec.prompts import left_pad
+from microspec.lab import evaluation as ev
 from microspec.lab.data import shared_data_dir
+from microspec.lab.policy_labels import policy_from_label
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
+from microspec.prompts import left_pad
 
 K = 5
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +86,13 @@ def test_row_logs_add_up_to_engine_stats(pair):
 def test_prefill_reuse_changes_nothing(pair, do_sample):
     target, drafter = pair
     _, ids, mask = _batch(1)
-    cache = {}
+    cache = ev.PrefillCache(topk=3)
 
     def once(policy, use_cache):
         gens = [torch.Generator().manual_seed(i) for i in range(ids.shape[0])] if do_sample else None
         dec = SpecDecoder(target, drafter, policy, K)
         return ev.run_batch(dec, ids, mask, 20, do_sample=do_sample, generators=gens, eos=EOS, pad=PAD,
-                            prefill_cache=cache if use_cache else None, prefill_key=0, prefill_topk=3)[:2]
+                            prefill_cache=cache if use_cache else None, prefill_key=0)[:2]
 
     fresh = once(InContextPolicy(capacity=40, topk=2), False)
     full = once(FullVocab(), False)

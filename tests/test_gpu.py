@@ -3,13 +3,16 @@ eager step, no host sync under `torch.cuda.set_sync_debug_mode("error")`, and gr
 Run on the device machine with `python -m pytest -q tests/test_gpu.py`."""
 import pytest
 import torch
+from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
 
 from microspec import SpecDecoder
-from microspec.engine import DecodeRun
-from microspec.kernels import (delta_gather_ref, delta_gather_triton, packed_logits_triton, sparse_logits_triton)
+from microspec.kernels import (
+    delta_gather_ref,
+    delta_gather_triton,
+    packed_logits_triton,
+    sparse_logits_triton,
+)
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-from microspec.sampling import SamplingConfig
-from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA required")]
@@ -46,7 +49,8 @@ def test_kernels_at_real_sizes(B, D, C, V, per_row):
 def _decoders(policy_factory, dtype=torch.float32, family="llama"):
     target = tiny_model(family).to("cuda", dtype)
     drafter = noisy_copy(tiny_model(family), 0.3).to("cuda", dtype)
-    return [SpecDecoder(target, drafter, policy_factory(), 4, cuda_graph=graph) for graph in (True, False)], target
+    return [SpecDecoder(target, drafter, policy_factory(), 4, cuda_graph=graph)
+            for graph in (True, False)], target
 
 
 @pytest.mark.parametrize("policy", [FullVocab, lambda: InContextPolicy(40),
@@ -87,10 +91,10 @@ def test_decode_step_never_syncs_on_cuda():
                       InContextPolicy(40), 4)
     ids = torch.randint(3, VOCAB, (3, 7), device="cuda")
     for do_sample in (False, True):
-        run = DecodeRun(dec, ids, torch.ones_like(ids, dtype=torch.bool), 20, SamplingConfig(do_sample), [],
-                        torch.Generator(device="cuda").manual_seed(0))
+        run, _, _ = dec.new_run(ids, max_new_tokens=20, do_sample=do_sample, eos_token_id=[],
+                                generator=torch.Generator(device="cuda").manual_seed(0))
         run.start()
-        run._draw_noise()
+        run.draw_noise()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

@@ -3,13 +3,11 @@ stats) never reads device memory from the host: it could run inside a CUDA graph
 `no_host_sync()`, which rejects every host read of tensor data whatever the device."""
 import pytest
 import torch
+from tiny_models import FAMILIES, VOCAB, noisy_copy, tiny_model
 
 from microspec import SpecDecoder
-from microspec.engine import DecodeRun
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-from microspec.sampling import SamplingConfig
 from microspec.testing import HostSyncError, no_host_sync
-from tiny_models import FAMILIES, VOCAB, noisy_copy, tiny_model
 
 POLICIES = {
     "full": FullVocab,
@@ -24,8 +22,9 @@ def started_run(family, policy, do_sample, head_mode="repack"):
     ids = torch.randint(3, VOCAB, (3, 6))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :2] = False
-    cfg = SamplingConfig(do_sample=do_sample, temperature=0.8, top_k=20 if do_sample else None)
-    run = DecodeRun(decoder, ids, mask, 12, cfg, [], torch.Generator().manual_seed(0))   # no EOS: rows run on
+    run, _, _ = decoder.new_run(ids, mask, 12, do_sample=do_sample, temperature=0.8,    # no EOS: rows run on
+                                top_k=20 if do_sample else None, eos_token_id=[],
+                                generator=torch.Generator().manual_seed(0))
     run.start()
     return run
 
@@ -37,7 +36,7 @@ def test_decode_step_never_syncs(family, policy, do_sample):
     run = started_run(family, policy, do_sample)
     with torch.inference_mode():
         for _ in range(3):
-            run._draw_noise()                    # outside the step: the generator lives on the host side
+            run.draw_noise()                    # outside the step: the generator lives on the host side
             with no_host_sync():
                 run.step()
     assert int(run.generated.min()) >= 4

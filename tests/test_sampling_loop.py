@@ -19,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from stats import assert_fits, markov_joint, markov_marginals, pair_joint, sequence_counts, window_joint
+from tiny_models import MarkovLM, noisy_copy, tiny_model
 
 from microspec import SpecDecoder
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-
-from stats import assert_fits, markov_joint, markov_marginals, pair_joint, sequence_counts, window_joint
-from tiny_models import MarkovLM, noisy_copy, tiny_model
 
 ALPHA = 1e-4
 V = 8
@@ -186,8 +186,8 @@ def test_in_context_set_really_changes_between_blocks():
 @pytest.mark.parametrize("bug", ["bonus_from_previous_position", "q_from_unrestricted_drafter"])
 def test_r3_has_power_against_loop_bugs(bug, monkeypatch):
     """The R3 joint test fails on a deliberately broken verification (proof that it can see loop bugs)."""
-    import microspec.engine as engine
-    real = engine.verify_sampling
+    from microspec import verification
+    real = verification.verify_sampling
 
     def broken(draft, valid, q_slots, slots, ids, t_logits, cfg, uniforms, noise):
         if bug == "bonus_from_previous_position":    # the bonus token drawn with the last draft's context
@@ -197,7 +197,7 @@ def test_r3_has_power_against_loop_bugs(bug, monkeypatch):
             q_slots = q_slots / q_slots.sum(-1, keepdim=True).clamp_min(1)
         return real(draft, valid, q_slots, slots, ids, t_logits, cfg, uniforms, noise)
 
-    monkeypatch.setattr(engine, "verify_sampling", broken)
+    monkeypatch.setattr(verification, "verify_sampling", broken)
     seqs, _ = generate(make_policy("full"), 1, N_JOINT, 3, seed=31)
     with pytest.raises(AssertionError, match="pval|zero probability"):
         assert_fits(sequence_counts(seqs, V), markov_joint(P.numpy(), START, 3), ALPHA,
@@ -315,19 +315,28 @@ def test_per_row_generators_differ_between_rows():
 
 
 # ============================================================================ F. NaN logits
+class _NaNOneHot(nn.Module):
+    """One-hot hidden states, NaN wherever the input token is `bad` (every token if bad is None)."""
+
+    layers = nn.ModuleList()
+
+    def __init__(self, inner, bad):
+        super().__init__()
+        self.inner, self.bad = inner, bad
+
+    def forward(self, input_ids=None, **kwargs):
+        out = self.inner(input_ids, **kwargs)
+        hit = torch.ones_like(input_ids, dtype=torch.bool) if self.bad is None else input_ids == self.bad
+        out.last_hidden_state = out.last_hidden_state.masked_fill(hit.unsqueeze(-1), float("nan"))
+        return out
+
+
 class NaNMarkovLM(MarkovLM):
     """MarkovLM whose logits are NaN wherever the input token is `bad` (all rows if bad is None)."""
 
     def __init__(self, probs, bad=None):
         super().__init__(probs)
-        self.bad = bad
-
-    def forward(self, input_ids, *args, logits_to_keep=0, **kwargs):
-        out = super().forward(input_ids, *args, logits_to_keep=logits_to_keep, **kwargs)
-        ids = input_ids[:, -logits_to_keep:] if logits_to_keep else input_ids
-        hit = torch.ones_like(ids, dtype=torch.bool) if self.bad is None else ids == self.bad
-        out.logits = out.logits.masked_fill(hit.unsqueeze(-1), float("nan"))
-        return out
+        self.model = _NaNOneHot(self.model, bad)
 
 
 UNIFORM = torch.full((V, V), 1.0 / V, dtype=torch.float64)

@@ -10,9 +10,9 @@ from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCa
 VOCAB = 131  # not a power of two, not a multiple of any kernel block
 EOS, BOS, PAD = 2, 1, 0
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS,
-               pad_token_id=PAD, attn_implementation="sdpa")
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=BOS,
+               eos_token_id=EOS, pad_token_id=PAD, attn_implementation="sdpa")
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -39,14 +39,15 @@ def noisy_copy(model: nn.Module, scale: float, seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in other.parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)   # CPU generator: any device
+            # CPU generator: any device
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
             p.add_(noise * scale * p.std().clamp_min(1e-3))
     return other
 
 
 class _Config:
     def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
+        self.vocab_size = self.hidden_size = vocab_size
         self.num_hidden_layers = 0
         self.bos_token_id = self.eos_token_id = self.pad_token_id = None
         self._attn_implementation = "sdpa"
@@ -54,8 +55,21 @@ class _Config:
 
 
 class _Out:
-    def __init__(self, logits):
-        self.logits = logits
+    def __init__(self, logits=None, last_hidden_state=None):
+        self.logits, self.last_hidden_state = logits, last_hidden_state
+
+
+class _OneHot(nn.Module):
+    """The Markov "decoder": no layers; the hidden state is the one-hot current token [B, T, V]."""
+
+    layers = nn.ModuleList()
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids=None, inputs_embeds=None, **_):
+        return _Out(last_hidden_state=nn.functional.one_hot(input_ids, self.vocab_size).double())
 
 
 class MarkovLM(nn.Module):
@@ -66,16 +80,23 @@ class MarkovLM(nn.Module):
     probs [V, V] rows sum to 1; zeros become -1e4 logits (exp underflows to exactly 0 in float64).
     """
 
+    base_model_prefix = "model"
+
     def __init__(self, probs: torch.Tensor):
         super().__init__()
         V = probs.shape[0]
         self.config = _Config(V)
         self.probs = probs.double()
+        self.model = _OneHot(V)
         self.lm_head = nn.Linear(V, V, bias=False, dtype=torch.float64)
         with torch.no_grad():
-            logp = torch.where(self.probs > 0, self.probs.clamp_min(1e-300).log(), torch.tensor(-1e4, dtype=torch.float64))
+            logp = torch.where(self.probs > 0, self.probs.clamp_min(1e-300).log(),
+                               torch.tensor(-1e4, dtype=torch.float64))
             self.lm_head.weight.copy_(logp.T)
         self._anchor = nn.Parameter(torch.zeros(1, dtype=torch.float64), requires_grad=False)
+
+    def get_input_embeddings(self):
+        return None
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -83,9 +104,5 @@ class MarkovLM(nn.Module):
     def set_output_embeddings(self, head):
         self.lm_head = head
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=True,
-                logits_to_keep=0):
-        hidden = nn.functional.one_hot(input_ids, self.config.vocab_size).double()   # [B, T, V]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return _Out(self.lm_head(hidden))
+    def forward(self, input_ids, **_):
+        return _Out(self.lm_head(self.model(input_ids).last_hidden_state))

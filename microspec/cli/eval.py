@@ -1,4 +1,5 @@
-"""`microspec eval`: real speculative decoding of a model pair over a fixed prompt subset, per task and policy.
+"""`microspec eval`: real speculative decoding of a model pair over a fixed prompt subset, per task and
+policy.
 
 Why a command: the accepted length of each vocabulary policy, per task and as a fraction of the
 full-vocabulary drafter's, is the number the project is judged on, so it must be re-measurable from one
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ._common import DTYPES
+from .progress import add_quiet_arg, progress_bar
 from ..lab.policy_labels import corpus_successors, frequency_ranking, label_options, policy_from_label
 
 DEFAULT_POLICIES = ("full,static@1024,static@3072,static@32768,incontext@1024,incontext@3072,"
@@ -34,9 +36,11 @@ examples:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="per-task accepted length of each policy on real weights",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
-    p.add_argument("--drafter", default="self", help="'self', 'early-exit:N', or a model sharing the tokenizer")
+    p.add_argument("--drafter", default="self",
+                   help="'self', 'early-exit:N', or a model sharing the tokenizer")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help="greedy runs: comma list of full, static@C, incontext@C, incontext+core@C, "
@@ -50,9 +54,11 @@ def register(sub) -> None:
     p.add_argument("--tasks", default=None, help="comma list of tasks (default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch, grouped by length")
     p.add_argument("--max-length-ratio", type=float, default=None,
-                   help="also end a batch before a prompt longer than this x its shortest (less prefill padding)")
+                   help="also end a batch before a prompt longer than this x its shortest (less prefill "
+                        "padding)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--seed", type=int, default=0, help="sampling: row i uses a generator seeded seed*100003+i")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling: row i uses a generator seeded seed*100003+i")
     p.add_argument("--topk", type=int, default=3, help="in-context policies: target top-k per position")
     p.add_argument("--core", type=int, default=None, help="incontext+core: core size (default: C // 4)")
     p.add_argument("--cluster-file", default=None, help="ClusterPolicy file for cluster@C policies")
@@ -64,13 +70,15 @@ def register(sub) -> None:
     p.add_argument("--json", default=None, help="write the raw per-run JSON here")
     p.add_argument("--traces", default=None, help="write greedy acceptance traces in bench_e2e format here")
     p.add_argument("--markdown", default=None, help="write the per-task tables here")
+    add_quiet_arg(p)
     p.set_defaults(func=run)
 
 
 def machine() -> dict:
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     import transformers
@@ -93,11 +101,55 @@ def load(args):
     return target, tok, drafter, desc, args.drafter
 
 
+def _check_args(args) -> None:
+    """Every argument checkable without the model, before it loads (a typo fails in seconds, not after)."""
+    import math
+
+    from ..lab.evaluation import SUBSET
+    most = max(len(ids) for _, ids in SUBSET.values())
+    for flag, value, lo in (("-K", args.K, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                            ("--batch-size", args.batch_size, 1), ("--topk", args.topk, 0),
+                            ("--per-task", args.per_task, 1), ("--threads", args.threads, 1),
+                            ("--core", args.core, 0)):
+        if value is not None and value < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {value}")
+    if args.per_task > most:
+        raise ValueError(f"--per-task must be in [1, {most}] (the subset lists {most} prompts per task), got "
+                         f"{args.per_task}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be finite and > 0, got {args.temperature}")
+    if args.max_length_ratio is not None and not args.max_length_ratio >= 1:
+        raise ValueError(f"--max-length-ratio must be >= 1, got {args.max_length_ratio}")
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks or set(tasks) - set(SUBSET):
+            raise ValueError(f"--tasks {args.tasks!r}: choose from {', '.join(SUBSET)}")
+    for flag, spec in (("--target", args.target), ("--drafter", args.drafter)):
+        if spec in ("smollm2", "self"):
+            continue
+        if spec.startswith("early-exit:"):
+            n = spec.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise ValueError(f"--drafter {spec}: expected early-exit:N with an integer N >= 1")
+        elif not Path(spec).exists():
+            raise FileNotFoundError(f"{flag} {spec}: no such file or model directory")
+    if args.cluster_file is not None and not Path(args.cluster_file).is_file():
+        raise FileNotFoundError(f"--cluster-file {args.cluster_file}: no such file")
+    # every label parses (and builds) with a stand-in ranking and successor table
+    labels = _labels(args.policies) + _labels(args.sample_policies or args.policies)
+    succ_cols = max([label_options(x, args.topk)[1] for x in labels] + [1])
+    for label in labels:
+        policy_from_label(label, torch.arange(1), args.cluster_file, args.topk, args.core,
+                          torch.full((1, succ_cols), -1))
+
+
 def run(args) -> int:
-    from microspec import SpecDecoder, evaluation as ev
+    from microspec import SpecDecoder
+    from microspec.lab import evaluation as ev
     from microspec.baseline import PlainDecoder
     from microspec.prompts import chat_rows, left_pad
     from microspec.models import cache_dir
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -120,12 +172,14 @@ def run(args) -> int:
     rows = chat_rows(tok, [p.text for p in prompts])
     gen_cfg = target.generation_config
     eos = gen_cfg.eos_token_id
-    pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
+    pad = gen_cfg.pad_token_id
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else eos[0])
     batches = ev.length_batches([len(r) for r in rows], args.batch_size, args.max_length_ratio)
 
     ranking, freq_meta = None, None
     if any(k.startswith(("static", "incontext+core")) for ls in labels.values() for k in ls):
-        cache = Path(args.freq_cache) if args.freq_cache else cache_dir() / "eval" / f"freq_{name}.safetensors"
+        cache = (Path(args.freq_cache) if args.freq_cache
+                 else cache_dir() / "eval" / f"freq_{name}.safetensors")
         t0 = time.perf_counter()
         ranking, freq_meta = frequency_ranking(tok, name, cache)
         freq_meta["seconds"] = round(time.perf_counter() - t0, 1)
@@ -136,16 +190,18 @@ def run(args) -> int:
     if max(m for _, m in options):
         successors = corpus_successors(tok, name, max(m for _, m in options),
                                        cache_dir() / "eval" / f"successors_{name}.safetensors")
-    prefills: dict = {}  # one prefill per (batch, hidden state or not), reused by every policy and mode
+    prefills = ev.PrefillCache(topk=max_topk)  # one prefill per (batch, hidden or not), for every policy
 
-    def decode_all(decoder, do_sample):
+    def decode_all(decoder, do_sample, desc=None):
         outs, stats = [None] * len(rows), [None] * len(rows)
-        for b, batch in enumerate(batches):
+        bar = progress_bar(args.no_progress, batches, desc=desc, unit="batch", leave=False)
+        for b, batch in enumerate(bar):
             ids, mask = left_pad([rows[i] for i in batch], pad)
-            gens = [torch.Generator().manual_seed(args.seed * 100003 + i) for i in batch] if do_sample else None
+            gens = ([torch.Generator().manual_seed(args.seed * 100003 + i) for i in batch] if do_sample
+                    else None)
             new, rs, _ = ev.run_batch(decoder, ids, mask, args.max_new_tokens, do_sample=do_sample,
                                       temperature=args.temperature, generators=gens, eos=eos, pad=pad,
-                                      prefill_cache=prefills, prefill_key=b, prefill_topk=max_topk)
+                                      prefill_cache=prefills, prefill_key=b)
             for i, n, r in zip(batch, new, rs):
                 outs[i], stats[i] = n, r
         return outs, stats
@@ -166,20 +222,23 @@ def run(args) -> int:
         refs = None
         if mode == "greedy" and not args.no_check:
             t0 = time.perf_counter()
-            refs = _plain_greedy(PlainDecoder(target, cuda_graph=False), rows, batches, args.max_new_tokens, eos, pad)
+            refs = _plain_greedy(PlainDecoder(target, cuda_graph=False), rows, batches, args.max_new_tokens,
+                                 eos, pad)
             record["plain_reference_seconds"] = round(time.perf_counter() - t0, 1)
             record["plain_reference_text"] = [tok.decode(r, skip_special_tokens=True) for r in refs]
             print(f"plain greedy reference: {record['plain_reference_seconds']:.0f} s", flush=True)
-        print(f"\n{mode}: {'policy':<22}{'tau':>6}{'accept':>8}{'cover':>7}{'active':>8}{'mismatch':>9}{'s':>7}")
+        print(f"\n{mode}: {'policy':<22}{'tau':>6}{'accept':>8}{'cover':>7}{'active':>8}{'mismatch':>9}"
+              f"{'s':>7}")
         per_label = {}
         for label in labels[mode]:
             policy = policy_from_label(label, ranking, args.cluster_file, args.topk, args.core, successors)
             decoder = SpecDecoder(target, drafter, policy, args.K, tokenizer=tok, cuda_graph=False)
             t0 = time.perf_counter()
             load0 = os.getloadavg()[0]
-            outs, stats = decode_all(decoder, do_sample)
+            outs, stats = decode_all(decoder, do_sample, f"{mode} {label}")
             seconds = time.perf_counter() - t0
-            entry = {"seconds": round(seconds, 1), "load_average_start": load0, "rows": ev.rows_to_json(stats)}
+            entry = {"seconds": round(seconds, 1), "load_average_start": load0,
+                     "rows": ev.rows_to_json(stats)}
             if refs is not None:
                 entry["greedy_mismatches"] = ev.greedy_mismatches(target, rows, outs, refs)
             record["policies"][label] = entry
@@ -216,7 +275,7 @@ def _plain_greedy(plain, rows, batches, max_new, eos, pad) -> list[list[int]]:
 
 
 def _write(args, result, prompts, name) -> None:
-    from microspec import evaluation as ev
+    from microspec.lab import evaluation as ev
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
@@ -226,10 +285,11 @@ def _write(args, result, prompts, name) -> None:
         print(f"wrote {args.markdown}")
     if args.traces:
         greedy = result["runs"]["greedy"]["policies"]
-        traces = {label: ev.flat_trace([ev.RowStats(**r) for r in entry["rows"]]) for label, entry in greedy.items()}
+        traces = {label: ev.flat_trace([ev.RowStats(**r) for r in entry["rows"]])
+                  for label, entry in greedy.items()}
         tasks = ", ".join(dict.fromkeys(p.task for p in prompts))
-        source = (f"{name}: target {result['target']}, drafter {result['drafter']}, {result['dtype']}, greedy, "
-                  f"K={args.K}, {len(prompts)} prompts ({tasks}) x {args.max_new_tokens} new tokens, "
+        source = (f"{name}: target {result['target']}, drafter {result['drafter']}, {result['dtype']}, "
+                  f"greedy, K={args.K}, {len(prompts)} prompts ({tasks}) x {args.max_new_tokens} new tokens, "
                   f"microspec eval on CPU, {result['date']}")
         ev.write_traces(args.traces, traces, source, args.K)
         print(f"wrote {args.traces}")

@@ -3,7 +3,8 @@
 One decode step of the engine, per batch row (static shapes, no host sync):
 
     drafts  = proposer.propose(DraftRequest)       # N draft nodes: a chain (parent = previous node) or a tree
-    verdict = verifier(drafts, target_logits, ...) # the target scores [last committed, node 1..N] in one forward
+    verdict = verifier(drafts, target_logits, ...) # the target scores [last committed, node 1..N]
+                                                   # in one forward
     proposer.observe(Commit)                       # what was committed, with the target's hidden states
 
 Node 0 of a verification block is the row's last committed token (the root); drafted node i (1..N) sits at
@@ -50,6 +51,7 @@ class Drafts:
     q        float [B, N, C] | None   sampled chains: the proposal distribution over slots that drew node i
     slots    int64 [B, N] | None      sampled chains: the active-set slot of each drafted id
     tree_mask bool [B, N+1, N+1] | None  ancestor mask of the block (self included); None for a chain
+    max_depth int | None      a tree's depth bound (static): verification walks at most that many levels
     """
 
     tokens: Tensor
@@ -59,6 +61,7 @@ class Drafts:
     q: Tensor | None = None
     slots: Tensor | None = None
     tree_mask: Tensor | None = None
+    max_depth: int | None = None
 
     @property
     def is_chain(self) -> bool:
@@ -71,7 +74,8 @@ class Verdict:
 
     n_accepted  int64 [B]        drafts accepted (0..depth of the deepest node)
     tokens      int64 [B, M]     tokens[:, :n_accepted+1] are committed: the accepted path's tokens, then the
-                                 corrected or bonus token (M = longest path + 1; later entries are meaningless)
+                                 corrected or bonus token (M = longest path + 1; later entries are
+                                 meaningless)
     path        int64 [B, M]     block index of each committed token's *input* position: path[:, 0] = 0 (the
                                  root), path[:, i] = the i-th accepted node. The target's hidden state at
                                  path[:, i] is the feature that predicted tokens[:, i]. None for chains
@@ -110,7 +114,12 @@ class Proposer(Protocol):
 
     head: object                  # the drafter's `SparseLMHead`, bound by the engine to the policy's set
     wants_target_hidden: bool     # True: `prefill` and `observe` receive the target's final hidden states
+    draws_noise: bool             # True: sampled drafts use `DraftRequest.noise` [B, N, C] (chains)
     num_nodes: int                # N, draft nodes per step
+
+    def plan(self, max_nodes: int) -> int:
+        """Nodes to draft per step in a request that can commit at most `max_nodes` more tokens after its
+        first; sets and returns `num_nodes` (a chain drafts min(K, max_nodes))."""
 
     def allocate(self, batch_size: int, max_len: int) -> None: ...
 
@@ -120,3 +129,8 @@ class Proposer(Protocol):
     def propose(self, request: DraftRequest) -> Drafts: ...
 
     def observe(self, commit: Commit) -> None: ...
+
+    def snapshot(self) -> object:
+        """The proposer's request state after a prefill (its caches), for lab tools that reuse one prefill."""
+
+    def restore(self, state: object) -> None: ...

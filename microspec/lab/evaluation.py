@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..engine import DecodeRun, Prefilled
 from .data import FITTING_CORPORA, load_pairs, shared_data_dir
-from ..engine import DecodeRun
-from ..sampling import SamplingConfig
 
 # The fixed evaluation subset: task -> (file under the shared data folder, question ids). The first turn of
 # each question is the user message (chat template applied). Spec-Bench's first 80 questions are MT-bench, so
@@ -56,7 +55,8 @@ class EvalPrompt:
     text: str            # first turn
 
 
-def load_subset(subset=SUBSET, per_task: int | None = None, tasks=None, root: Path | None = None) -> list[EvalPrompt]:
+def load_subset(subset=SUBSET, per_task: int | None = None, tasks=None,
+                root: Path | None = None) -> list[EvalPrompt]:
     """The listed prompts, task by task in `subset` order (the first `per_task` ids of each task)."""
     if tasks is not None and (unknown := set(tasks) - set(subset)):
         raise ValueError(f"unknown tasks {sorted(unknown)}; known: {', '.join(subset)}")
@@ -119,63 +119,20 @@ class RowStats:
     generated: int = 0                                # new tokens, the prefill's first token included
 
 
-class TracingRun(DecodeRun):
-    """A `DecodeRun` that also logs per-row counters of every decode step (host-side lists; CPU use only).
+class RowLog:
+    """An engine observer that logs per-row counters of every decode step (host-side lists; CPU use only:
+    each step copies five counters per row to the host)."""
 
-    `prefill_cache` (a dict) with `prefill_key` (any hashable naming the batch) reuses the prefill of an
-    earlier run on the same batch: both models' KV caches and the prefill outputs are restored instead of
-    recomputed. The prefill depends on the policy only through the target top-k ids it hands over (computed
-    once with `prefill_topk` >= every policy's k and cut to each policy's k; a sorted top-k's first k are the
-    top-k) and whether the hidden state is captured (part of the key); the same shapes give the same values,
-    so the run is unchanged. On two CPU cores the prompt forwards would otherwise cost as much as decoding.
-    """
-
-    def __init__(self, *args, prefill_cache: dict | None = None, prefill_key=None, prefill_topk: int = 0,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.log: list[Tensor] = []    # per step: int64 [B, 5] = live, accepted, committed, covered, active
-        self.prefill_cache, self.prefill_key, self.prefill_topk = prefill_cache, prefill_key, prefill_topk
 
-    def _prefill(self):
-        if self.prefill_cache is None:
-            return super()._prefill()
-        policy, k = self.policy, self.policy.target_topk
-        key = (self.prefill_key, policy.wants_hidden, self.S)
-        models = (self.dec.target, self.dec.drafter)
-        entry = self.prefill_cache.get(key)
-        if entry is None or entry[0] < k:
-            k_all = max(k, self.prefill_topk)
-            had = "target_topk" in vars(policy)
-            own = policy.target_topk
-            policy.target_topk = k_all     # the engine reads the policy's k; widened for this prefill only
-            try:
-                out = super()._prefill()
-            finally:
-                if had:
-                    policy.target_topk = own
-                else:
-                    del policy.target_topk
-            kv = [[t.clone() for t in (*m.cache.keys, *m.cache.values)] for m in models]
-            entry = self.prefill_cache[key] = (k_all, kv, [None if t is None else t.clone() for t in out],
-                                               self.nan_seen.clone())
-        else:
-            for m, saved in zip(models, entry[1]):
-                n = m.num_layers
-                m.cache.keys = [t.clone() for t in saved[:n]]
-                m.cache.values = [t.clone() for t in saved[n:]]
-            self.nan_seen.copy_(entry[3])
-        last, topk, hidden = (None if t is None else t.clone() for t in entry[2])
-        return last, (topk[..., :k] if k else None), hidden
+    def __call__(self, r) -> None:
+        covered = (r.in_set & r.mask).sum(1)
+        self.log.append(torch.stack([r.live.long(), r.n_accepted * r.live, r.n_commit, covered,
+                                     r.n_active * r.live], 1).cpu())
 
-    def _account(self, n_acc, tokens, commit_mask, n_commit, live, ids, n_act) -> None:
-        super()._account(n_acc, tokens, commit_mask, n_commit, live, ids, n_act)
-        in_set = (tokens.unsqueeze(-1) == ids.expand(self.B, -1).unsqueeze(1)).any(-1)  # [B, K+1]
-        covered = (in_set & commit_mask).sum(1)
-        self.log.append(torch.stack([live.long(), n_acc * live, n_commit, covered, n_act.expand(self.B) * live],
-                                    1).cpu())
-
-    def row_stats(self) -> list[RowStats]:
-        rows = [RowStats(generated=int(g)) for g in self.generated.cpu()]
+    def row_stats(self, generated: Tensor) -> list[RowStats]:
+        rows = [RowStats(generated=int(g)) for g in generated.cpu()]
         for step in self.log:
             for r, (live, acc, com, cov, act) in zip(rows, step.tolist()):
                 if live:
@@ -188,24 +145,68 @@ class TracingRun(DecodeRun):
         return rows
 
 
+class PrefillCache:
+    """Reuses the prefill of an earlier run on the same batch: both models' KV caches and the prefill outputs
+    are restored instead of recomputed (on two CPU cores the prompt forwards would otherwise cost as much as
+    decoding). The prefill depends on the policy only through the target top-k ids it hands over (computed
+    once with `topk` >= every policy's k and cut to each policy's k; a sorted top-k's first k are the top-k)
+    and whether hidden states are kept (part of the key); the same shapes give the same values, so the run is
+    unchanged."""
+
+    def __init__(self, topk: int = 0):
+        self.topk, self.entries = topk, {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def start(self, run: DecodeRun, key) -> None:
+        policy, k = run.policy, run.policy.target_topk
+        full = (key, policy.wants_hidden, run.S)
+        entry = self.entries.get(full)
+        run.target.allocate(run.B, run.S)
+        run.proposer.allocate(run.B, run.S)
+        if entry is None or entry[0] < k:
+            k_all = max(k, self.topk)
+            had = "target_topk" in vars(policy)
+            own = policy.target_topk
+            policy.target_topk = k_all     # the engine reads the policy's k; widened for this prefill only
+            try:
+                pre = run.prefill()
+            finally:
+                if had:
+                    policy.target_topk = own
+                else:
+                    del policy.target_topk
+            entry = self.entries[full] = (k_all, run.target.snapshot(), run.proposer.snapshot(), pre)
+        else:
+            run.target.restore(entry[1])
+            run.proposer.restore(entry[2])
+        pre = entry[3]
+        topk = None if not k else pre.topk[..., :k].clone()
+        run.start(Prefilled(pre.last_logits.clone(), topk,
+                            None if pre.hidden is None else pre.hidden.clone()))
+
+
 def run_batch(decoder, ids: Tensor, mask: Tensor, max_new_tokens: int, *, do_sample: bool = False,
               temperature: float = 1.0, generators=None, eos=None, pad: int | None = None,
-              prefill_cache: dict | None = None, prefill_key=None, prefill_topk: int = 0):
+              prefill_cache: PrefillCache | None = None, prefill_key=None):
     """`decoder.generate` with per-row logging -> (new-token lists per row, RowStats per row, SpecStats).
-    `prefill_cache` / `prefill_key`: see `TracingRun` (the key must name this exact batch and drafter)."""
-    cfg = SamplingConfig(do_sample, temperature)
+    `prefill_cache` / `prefill_key`: see `PrefillCache` (the key must name this exact batch and drafter)."""
+    log = RowLog()
     with torch.inference_mode():
-        input_ids, m = decoder._check_prompt(ids, mask)
-        eos_ids, pad_id = decoder._special_ids(eos, pad)
-        dev = decoder.target.device
-        run = TracingRun(decoder, input_ids.to(dev), m.to(dev), max_new_tokens, cfg, eos_ids, generators,
-                         cuda_graph=False, prefill_cache=prefill_cache, prefill_key=prefill_key,
-                         prefill_topk=prefill_topk)
-        out = run.execute(input_ids, pad_id)
-    rows = run.row_stats()
+        run, input_ids, pad_id = decoder.new_run(ids, mask, max_new_tokens, do_sample=do_sample,
+                                                 temperature=temperature, eos_token_id=eos, pad_token_id=pad,
+                                                 generator=generators, observers=[log], cuda_graph=False)
+        if prefill_cache is None:
+            run.start()
+        else:
+            prefill_cache.start(run, prefill_key)
+        run.run_steps()
+        sequences = run.sequences(input_ids, pad_id)
+    rows = log.row_stats(run.generated)
     L = ids.shape[1]
-    new = [out.sequences[i, L: L + r.generated].tolist() for i, r in enumerate(rows)]
-    return new, rows, out.stats
+    new = [sequences[i, L: L + r.generated].tolist() for i, r in enumerate(rows)]
+    return new, rows, run.summary()
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -299,11 +300,13 @@ def markdown_tables(stats: dict, labels: list[str] | None = None) -> str:
     head = "| policy | " + " | ".join(tasks) + " |\n|---|" + "---:|" * len(tasks) + "\n"
 
     def table(title, cell):
-        body = "".join(f"| {lab} | " + " | ".join(cell(stats[lab][t]) for t in tasks) + " |\n" for lab in labels)
+        body = "".join(f"| {lab} | " + " | ".join(cell(stats[lab][t]) for t in tasks) + " |\n"
+                       for lab in labels)
         return f"{title}\n\n{head}{body}"
 
     frac = (lambda s: f"{s['tau']:.2f} ({100 * s['tau_fraction']:.1f} %)") if "tau_fraction" in \
         stats[labels[0]]["all"] else (lambda s: f"{s['tau']:.2f}")
     return "\n".join([table("tau (% of full-vocabulary tau)", frac),
                       table("acceptance rate", lambda s: f"{s['acceptance']:.3f}"),
-                      table("coverage / mean active size", lambda s: f"{s['coverage']:.3f} / {s['mean_active']:.0f}")])
+                      table("coverage / mean active size",
+                            lambda s: f"{s['coverage']:.3f} / {s['mean_active']:.0f}")])

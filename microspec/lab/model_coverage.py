@@ -1,13 +1,14 @@
 """Model-based coverage: what a policy covers when it gets the target's top-k ids and hidden states.
 
-Why: text-only replay (`microspec.lab.coverage`) starves the policies that read the target: NanoSpec's in-context
-set is built mostly from the target's top-3 predictions, and learned policies (`wants_hidden`, e.g. a
-DynaSpec-style ClusterPolicy) route on the target's final hidden state. Those inputs exist only with a model.
+Why: text-only replay (`microspec.lab.coverage`) starves the policies that read the target: NanoSpec's
+in-context set is built mostly from the target's top-3 predictions, and learned policies (`wants_hidden`, e.g.
+a DynaSpec-style ClusterPolicy) route on the target's final hidden state. Those inputs exist only with a
+model.
 
 Method (teacher forcing): each (prompt, response) pair is tokenized with the model's own tokenizer (the chat
 template applied to the prompt, optionally), and the target runs once over prompt + response through the
-decoder's own model path (`microspec.models.hf.CausalLM`, chunked prefill with a per-row static cache). At every
-position we keep the target's top-k next-token ids and, when a policy wants it, its final hidden state
+decoder's own model path (`microspec.models.hf.CausalLM`, chunked prefill with a per-row static cache). At
+every position we keep the target's top-k next-token ids and, when a policy wants it, its final hidden state
 (the input of its LM head, taken by a forward pre-hook on `get_output_embeddings()`). `coverage.simulate`
 then feeds them to the policy hooks exactly as `SpecDecoder` would (see `microspec.lab.coverage`).
 
@@ -195,7 +196,6 @@ def teacher_forced_traces(model: nn.Module, docs, topk: int = 3, hidden: bool = 
         if len(p) == 0:
             raise ValueError(f"document {i}: empty prompt (the target needs a position to predict token 0)")
     lm = CausalLM(model)
-    lm.capture_hidden(hidden)
     dev = lm.device
     out: list[TargetTrace | None] = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: seqs[i].numel())
@@ -208,13 +208,10 @@ def teacher_forced_traces(model: nn.Module, docs, topk: int = 3, hidden: bool = 
         rows.append(i)
         longest = max(longest, n)
     batches += [rows] if rows else []
-    try:
-        for rows in batches:
-            _trace_batch(lm, [seqs[i] for i in rows], rows, out, topk, hidden, V, chunk, dev)
-            if progress is not None:
-                progress.update(sum(seqs[i].numel() for i in rows))
-    finally:
-        lm.capture_hidden(False)
+    for rows in batches:
+        _trace_batch(lm, [seqs[i] for i in rows], rows, out, topk, hidden, V, chunk, dev)
+        if progress is not None:
+            progress.update(sum(seqs[i].numel() for i in rows))
     return out
 
 
@@ -230,10 +227,10 @@ def _trace_batch(lm: CausalLM, seqs, rows, out, k: int, hidden: bool, V: int, ch
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
         pos = torch.arange(c0, c1, device=dev).expand(B, -1)                            # [B, t]
-        logits = lm(tokens[:, c0:c1], pos)                                              # [B, t, V']
-        tops.append(torch.topk(logits[..., :V].float(), k, dim=-1).indices.cpu() if k else None)
+        h = lm.forward(tokens[:, c0:c1], pos, eager=True)                              # [B, t, D]
+        tops.append(torch.topk(lm.logits(h)[..., :V].float(), k, dim=-1).indices.cpu() if k else None)
         if hidden:
-            hids.append(lm.hidden.float().cpu())                                        # [B, t, D]
+            hids.append(h.float().cpu())                                                # [B, t, D]
     top = torch.cat(tops, 1) if k else torch.zeros(B, N, 0, dtype=torch.long)         # [B, N, k]
     hid = torch.cat(hids, 1) if hidden else None                                        # [B, N, D]
     for r, (i, s) in enumerate(zip(rows, seqs)):

@@ -2,7 +2,8 @@
 
 A backend owns one model's KV cache and runs tokens at explicit positions into explicit cache slots:
 
-    backend.allocate(batch_size, max_len)                 # once per request (buffers reused when shapes repeat)
+    backend.allocate(batch_size, max_len)                 # once per request (buffers reused when shapes
+                                                          # repeat)
     hidden = backend.forward(tokens, positions, slots=None, tree_mask=None)
     logits = backend.logits(hidden)                       # the model's own output head (and logit transform)
     backend.move_kv(src_slots, dst_slots)                 # compact accepted tree nodes into their final slots
@@ -27,6 +28,9 @@ of rejected drafts: the rule never shows them, and later blocks overwrite them, 
 
 `embeds` (optional, float [B, T, D]) replaces the embedding lookup of `tokens` (feature drafters feed
 fc(concat(embedding, feature)) there); `tokens` still fix the shapes.
+
+`eager=True` marks calls of varying shape (prefill chunks): a backend built with `compile=True` runs them
+uncompiled, so only the few decode shapes are compiled.
 
 `taps` (optional): `forward(..., taps=(i, j))` also keeps the inputs of decoder layers i, j (residual stream
 [B, T, D] each) in `backend.tapped`, for feature drafters (EAGLE-3 style); `taps=("final",)` is the hidden
@@ -62,13 +66,17 @@ class ModelBackend(Protocol):
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor | None = None,
                 tree_mask: Tensor | None = None, tree_start: Tensor | None = None,
-                embeds: Tensor | None = None) -> Tensor: ...
+                embeds: Tensor | None = None, eager: bool = False) -> Tensor: ...
 
     def logits(self, hidden: Tensor, head: nn.Module | None = None) -> Tensor: ...
 
     def embed(self, tokens: Tensor) -> Tensor: ...
 
     def move_kv(self, src_slots: Tensor, dst_slots: Tensor) -> None: ...
+
+    def snapshot(self) -> object: ...              # a copy of the KV cache (lab tools reuse one prefill)
+
+    def restore(self, state: object) -> None: ...
 
 
 def visible_slots(positions: Tensor, slots: Tensor | None, tree_mask: Tensor | None, max_len: int,
@@ -91,7 +99,8 @@ def visible_slots(positions: Tensor, slots: Tensor | None, tree_mask: Tensor | N
         return visible
     W = tree_mask.shape[-1]
     start = (slots[:, :1] if tree_start is None else tree_start.view(B, 1))              # [B, 1]
-    w = j - start                                                                        # [B, S] region offset
+    # [B, S] region offset
+    w = j - start
     history = (w < 0).unsqueeze(1)                                                       # [B, 1, S]
     if window is not None:
         history = history & ((positions.unsqueeze(-1) - j) < window)                     # [B, T, S]

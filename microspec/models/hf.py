@@ -1,4 +1,4 @@
-"""Running Hugging Face causal LMs with a static, per-row KV cache (the model path of `SpecDecoder`).
+"""The Hugging Face backend: any `transformers` causal LM with a static, per-row KV cache.
 
 Why this path: any `transformers` causal LM that takes `position_ids`, a custom cache object and a 4-D
 attention mask runs unchanged (Llama, Qwen2, Mistral, Gemma, Phi-3, ...), and every step has static shapes:
@@ -12,15 +12,19 @@ attention mask runs unchanged (Llama, Qwen2, Mistral, Gemma, Phi-3, ...), and ev
     a rejection costs nothing (no crop, unlike HF's DynamicCache).
   * No host syncs: positions and masks are device tensors, so a step can be captured in a CUDA graph.
 
-`CausalLM` wraps one model: `allocate(batch, max_len)` once per request, then
-`logits = lm(tokens [B, T], positions [B, T], last_only=...)`.
+`CausalLM` implements the backend contract of `microspec.models.base` (read it for the slot/mask rule):
+`allocate(batch, max_len)` once per request, then `hidden = lm.forward(tokens, positions, ...)` and
+`lm.logits(hidden)`; the output head is applied separately so a drafter can score a pruned head instead.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
 from torch import Tensor, nn
+
+from .base import apply_logit_transform, visible_slots
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -70,15 +74,22 @@ def vocab_size_of(model: nn.Module) -> int:
 
 
 class CausalLM:
-    """A Hugging Face causal LM driven with explicit positions and a `RowKVCache`.
+    """A Hugging Face causal LM run as a `ModelBackend`: its decoder (`model.model`) with a `RowKVCache`, and
+    its output head kept apart.
 
-    `CausalLM.of(model, compile)` returns one shared wrapper per model, so decoders built over the same
-    target share its compiled graphs and its cache buffers (used one call at a time).
+    `CausalLM.of(model, compile)` returns one shared wrapper per model, so decoders built over the same target
+    share its compiled graphs and its cache buffers (used one call at a time). A drafter that is the target
+    itself gets its own wrapper (`CausalLM(model)`), hence its own cache.
 
     Args:
-        model: a `transformers` causal LM (`...ForCausalLM`) in eval mode; its attention implementation
-               must be "sdpa" or "eager" (they take the 4-D mask this path builds).
+        model: a `transformers` causal LM (`...ForCausalLM`) in eval mode; its attention implementation must
+               be "sdpa" or "eager" (they take the 4-D mask this path builds).
+        compile: run decode-shaped calls through `torch.compile` (Inductor fuses each layer's small
+               element-wise kernels; the first call per shape pays the compilation). Prefill (varying
+               lengths) stays eager.
     """
+
+    name = "hf"
 
     def __init__(self, model: nn.Module, compile: bool = False):
         config = model.config
@@ -86,56 +97,36 @@ class CausalLM:
         if impl not in SUPPORTED_ATTENTION:
             raise ValueError(f"attention implementation {impl!r} is not supported; load the model with "
                              f"attn_implementation='sdpa' (or 'eager')")
-        self.model = model
-        self.config = config
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+        if decoder is None or not hasattr(decoder, "layers"):
+            raise TypeError(f"{type(model).__name__}: no decoder with .layers under "
+                            f".{model.base_model_prefix}")
+        self.model, self.decoder, self.config = model, decoder, config
+        self.head = model.get_output_embeddings()
         self.attn_impl = impl
         self.num_layers = config.num_hidden_layers
-        self.windows = self._mask_windows(config)
+        self.hidden_size = config.hidden_size
+        self.vocab_size = vocab_size_of(model)
+        self.windows = mask_windows(config)
         self.cache: RowKVCache | None = None
-        self.hidden: Tensor | None = None      # final hidden states of the last call, when captured
-        self._hidden_hook = None
         # Ids the model cannot embed (a larger target vocabulary's extra ids, fed to a drafter) are clamped:
         # that costs the drafter's guess its quality, never the output its correctness.
-        get_embed = getattr(model, "get_input_embeddings", None)
-        embed = get_embed() if callable(get_embed) else None
-        self.input_vocab = getattr(embed, "num_embeddings", None) or vocab_size_of(model)
-        # Decode-shaped calls (the same few shapes every step) can run through torch.compile, which fuses the
-        # dozens of small element-wise kernels of each layer; prefill (varying lengths) stays eager.
+        embed = model.get_input_embeddings()
+        self.input_vocab = getattr(embed, "num_embeddings", None) or self.vocab_size
+        # transformers renamed `past_key_values` to `cache` (5.24 warns on the old name); pass what this
+        # version's decoder takes.
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._compiled = torch.compile(self._forward, dynamic=False) if compile else None
 
-    def capture_hidden(self, enable: bool = True) -> None:
-        """Keep the input of the output head (the final hidden states [B, T, D]) of every call in `hidden`."""
-        if enable and self._hidden_hook is None:
-            def keep(_module, args):
-                self.hidden = args[0]
-            self._hidden_hook = self.model.get_output_embeddings().register_forward_pre_hook(keep)
-        elif not enable and self._hidden_hook is not None:
-            self._hidden_hook.remove()
-            self._hidden_hook, self.hidden = None, None
-
-    _shared: "weakref.WeakKeyDictionary[nn.Module, dict[bool, CausalLM]]" = weakref.WeakKeyDictionary()
+    _shared: weakref.WeakKeyDictionary[nn.Module, dict[bool, CausalLM]] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def of(cls, model: nn.Module, compile: bool = False) -> "CausalLM":
+    def of(cls, model: nn.Module, compile: bool = False) -> CausalLM:
         per_model = cls._shared.setdefault(model, {})
         if compile not in per_model:
             per_model[compile] = cls(model, compile=compile)
         return per_model[compile]
-
-    @staticmethod
-    def _mask_windows(config) -> dict[str, int | None]:
-        """Mask kinds the model's layers use -> sliding window (None = full causal)."""
-        types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        window = getattr(config, "sliding_window", None)
-        if getattr(config, "use_sliding_window", True) is False:
-            window = None
-        unknown = types - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ValueError(f"layer types {sorted(unknown)} are not supported")
-        if types == {"full_attention"}:
-            # Mistral-style configs put the window on every layer without listing layer types.
-            return {"full_attention": window if getattr(config, "model_type", "") == "mistral" else None}
-        return {"full_attention": None, "sliding_attention": window}
 
     @property
     def device(self) -> torch.device:
@@ -152,34 +143,70 @@ class CausalLM:
             cache = self.cache = RowKVCache(self.num_layers, batch_size, max_len)
         return cache
 
-    def _mask(self, positions: Tensor, window: int | None) -> Tensor:
-        """[B, 1, T, S] mask: slot j visible to query (b, t) iff j <= pos (and pos - j < window)."""
-        slots = torch.arange(self.cache.max_len, device=positions.device)
-        pos = positions.unsqueeze(-1)                                                   # [B, T, 1]
-        visible = slots <= pos
-        if window is not None:
-            visible = visible & (slots > pos - window)
-        visible = visible.unsqueeze(1)
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(tokens.clamp(max=self.input_vocab - 1))
+
+    def logits(self, hidden: Tensor, head: nn.Module | None = None) -> Tensor:
+        return apply_logit_transform(self.config, (head or self.head)(hidden))
+
+    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor | None = None,
+                tree_mask: Tensor | None = None, tree_start: Tensor | None = None,
+                embeds: Tensor | None = None, eager: bool = False) -> Tensor:
+        """Final hidden states [B, T, D] of tokens [B, T] at positions [B, T], written at `slots` (the rule of
+        `microspec.models.base`). Through the compiled path when `compile=True`, unless `eager` (prefill)."""
+        fn = self._forward if (eager or self._compiled is None) else self._compiled
+        return fn(tokens, positions, slots, tree_mask, tree_start, embeds)
+
+    def _forward(self, tokens, positions, slots, tree_mask, tree_start, embeds) -> Tensor:
+        cache = self.cache
+        cache.write_positions = positions if slots is None else slots
+        masks = {kind: self._mask(positions, slots, tree_mask, tree_start, w)
+                 for kind, w in self.windows.items()}
+        mask = masks if len(masks) > 1 else next(iter(masks.values()))
+        inputs = ({"inputs_embeds": embeds} if embeds is not None
+                  else {"input_ids": tokens.clamp(max=self.input_vocab - 1)})
+        out = self.decoder(**inputs, position_ids=positions, attention_mask=mask, use_cache=True,
+                           **{self._cache_kwarg: cache})
+        return out.last_hidden_state
+
+    def _mask(self, positions, slots, tree_mask, tree_start, window) -> Tensor:
+        """[B, 1, T, S] mask of `visible_slots`; bool for sdpa, additive for eager."""
+        visible = visible_slots(positions, slots, tree_mask, self.cache.max_len, window,
+                                tree_start).unsqueeze(1)
         if self.attn_impl == "sdpa":
             return visible
         return torch.zeros(visible.shape, dtype=self.dtype, device=positions.device).masked_fill(
             ~visible, torch.finfo(self.dtype).min)
 
-    def __call__(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
-        """Run tokens [B, T] at positions [B, T]; returns logits [B, T, N] (or [B, 1, N] if last_only),
-        N = vocabulary (or active-set size when the head is a `SparseLMHead`)."""
-        return self._forward(tokens, positions, last_only)
+    def snapshot(self) -> list[Tensor]:
+        """A copy of the KV cache (lab tools reuse one prefill for several runs)."""
+        return [t.clone() for t in (*self.cache.keys, *self.cache.values)]
 
-    def decode(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
-        """Same as calling the model, through the compiled path when `compile=True` (decode steps)."""
-        return (self._compiled or self._forward)(tokens, positions, last_only)
+    def restore(self, state: list[Tensor]) -> None:
+        n = self.num_layers
+        self.cache.keys, self.cache.values = [t.clone() for t in state[:n]], [t.clone() for t in state[n:]]
 
-    def _forward(self, tokens: Tensor, positions: Tensor, last_only: bool) -> Tensor:
-        cache = self.cache
-        cache.write_positions = positions
-        masks = {kind: self._mask(positions, w) for kind, w in self.windows.items()}
-        mask = masks if len(masks) > 1 else masks["full_attention"]
-        out = self.model(input_ids=tokens.clamp(max=self.input_vocab - 1), position_ids=positions,
-                         attention_mask=mask, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1 if last_only else 0)
-        return out.logits
+    def move_kv(self, src_slots: Tensor, dst_slots: Tensor) -> None:
+        """Copy every layer's K/V from src_slots [B, T] to dst_slots [B, T] (gathered first: overlap is
+        safe)."""
+        for buf in (*self.cache.keys, *self.cache.values):
+            if buf is None:
+                continue
+            src = src_slots[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+            buf.scatter_(2, dst_slots[:, None, :, None].expand_as(src), buf.gather(2, src))
+
+
+def mask_windows(config) -> dict[str, int | None]:
+    """Mask kinds the model's layers use -> sliding window (None = full causal), as transformers decides:
+    configs that list `layer_types` window only their "sliding_attention" layers; configs without it (Mistral,
+    Mixtral, Phi-3, Starcoder2, ...) window every layer when `sliding_window` is set."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {"full_attention": window}
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"layer types {sorted(unknown)} are not supported")
+    return {kind: (window if kind == "sliding_attention" else None) for kind in sorted(set(types))}
