@@ -6,61 +6,54 @@ device, and hands one request batch to `engine.DecodeRun`, where the decode step
 """
 from __future__ import annotations
 
-import copy
+import weakref
 
 import torch
 from torch import Tensor, nn
 
-from .engine import DecodeRun
+from .drafting.model_drafter import ModelDrafter
+from .drafting.tree import TreeSpec
+from .engine import DecodeRun, EngineParts
+from .inputs import (  # noqa: F401  (PADDED_VOCAB_SLACK, check_vocabularies: re-exported)
+    NOT_GIVEN,
+    PADDED_VOCAB_SLACK,
+    check_decoder_options,
+    check_generator,
+    check_int,
+    check_policy_fits,
+    check_prompt,
+    check_streamer,
+    check_vocabularies,
+    resolve_special_ids,
+)
 from .models.hf import CausalLM, vocab_size_of
+from .models.select import BACKENDS
 from .outputs import GenerateOutput
 from .policies import FullVocab, VocabPolicy
 from .sampling import SamplingConfig
-from .sparse_head import sparsify_lm_head_
+from .sparse_head import sparse_head_for
+
+_SHARED_BACKENDS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
-PADDED_VOCAB_SLACK = 128  # same tokenizer, embedding padded differently (Qwen 151936 vs 152064); vLLM's rule
+def model_backend(model: nn.Module, backend: str = "auto", compile: bool = False, shared: bool = True):
+    """The `ModelBackend` running `model`: "hf" (any Hugging Face causal LM), "lean" (compact code for the
+    families in `microspec.models.lean`) or "auto" (lean where supported). With `shared`, decoders over the
+    same model share one backend (its compiled graphs and cache buffers; used one call at a time); a drafter
+    that is the target itself takes `shared=False`, so it gets a cache of its own."""
+    if not shared:
+        return _new_backend(model, backend, compile)
+    per_model = _SHARED_BACKENDS.setdefault(model, {})
+    if (backend, compile) not in per_model:
+        per_model[(backend, compile)] = _new_backend(model, backend, compile)
+    return per_model[(backend, compile)]
 
 
-def _shallow_model_copy(model: nn.Module) -> nn.Module:
-    """A copy sharing every parameter and submodule, with its own module table, so swapping its head
-    leaves the caller's model untouched (also when drafter and target are the same object)."""
-    clone = copy.copy(model)
-    clone._modules = dict(model._modules)
-    return clone
-
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, Tensor):
-        return [int(v) for v in value.flatten()]
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def check_vocabularies(target: nn.Module, drafter: nn.Module, tokenizer=None, drafter_tokenizer=None) -> int:
-    """Raise ValueError unless target and drafter share one tokenizer; return the shared vocabulary size.
-
-    With both tokenizers given their vocabularies are compared entry by entry. Without them the check is
-    structural: head sizes may differ only by embedding padding (<= 128 rows) and the special ids in the
-    two configs must agree.
-    """
-    v_t, v_d = vocab_size_of(target), vocab_size_of(drafter)
-    if tokenizer is not None and drafter_tokenizer is not None and tokenizer is not drafter_tokenizer:
-        if tokenizer.get_vocab() != drafter_tokenizer.get_vocab():
-            raise ValueError("target and drafter tokenizers differ; microspec needs one shared vocabulary")
-    elif abs(v_t - v_d) > PADDED_VOCAB_SLACK:
-        raise ValueError(f"target vocabulary ({v_t}) and drafter vocabulary ({v_d}) differ by more than "
-                         f"embedding padding; the models must share one tokenizer")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        a = _as_id_list(getattr(target.config, name, None))
-        b = _as_id_list(getattr(drafter.config, name, None))
-        if a and b and sorted(a) != sorted(b):
-            raise ValueError(f"target and drafter disagree on {name} ({a} vs {b}): different tokenizers?")
-    common = min(v_t, v_d)
-    if tokenizer is not None:
-        common = min(common, len(tokenizer))
-    return common
+def _new_backend(model: nn.Module, backend: str, compile: bool):
+    if backend == "hf":
+        return CausalLM(model, compile=compile)
+    from .models.select import make_backend
+    return make_backend(model, backend, compile=compile)
 
 
 class SpecDecoder:
@@ -88,69 +81,87 @@ class SpecDecoder:
         >>> out.sequences, out.stats.mean_accepted_length
     """
 
-    def __init__(self, target: nn.Module, drafter: nn.Module, policy: VocabPolicy, num_speculative_tokens: int = 4,
+    def __init__(self, target: nn.Module, drafter, policy: VocabPolicy, num_speculative_tokens: int = 4,
                  *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512,
-                 cuda_graph: bool = True, async_gather: bool = False, compile: bool = False):
+                 cuda_graph: bool = True, async_gather: bool = False, compile: bool = False,
+                 backend: str = "auto", tree=None):
+        check_decoder_options(num_speculative_tokens, head_mode, prefill_chunk, cuda_graph, async_gather, compile)
         if not isinstance(policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy, got {type(policy).__name__}")
-        if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}")
-        self.vocab_size = check_vocabularies(target, drafter, tokenizer, drafter_tokenizer)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if tree is not None and not isinstance(tree, TreeSpec):
+            raise TypeError(f"tree must be a microspec.drafting.tree.TreeSpec or None, got {type(tree).__name__}")
+        feature_drafter = hasattr(drafter, "make_proposer")
+        drafter_model = drafter.target if feature_drafter else drafter
+        if feature_drafter and drafter.target is not target:
+            raise ValueError("this feature drafter was built for another target model; load it with "
+                             "EagleDrafter.from_pretrained(path, target) for this one")
+        self.vocab_size = check_vocabularies(target, drafter_model, tokenizer, drafter_tokenizer)
         self.target_vocab_size = vocab_size_of(target)
         self.policy = policy
         self.K = num_speculative_tokens
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = cuda_graph
-        self.target = CausalLM.of(target, compile=compile)
-        drafter_view = _shallow_model_copy(drafter)
+        self.target = model_backend(target, backend, compile=compile)
         mode = "dense" if isinstance(policy, FullVocab) else head_mode
-        self.head = sparsify_lm_head_(drafter_view, mode=mode, async_gather=async_gather).head
-        self.drafter = CausalLM(drafter_view, compile=compile)
-        if self.drafter.device != self.target.device:
-            raise ValueError(f"drafter on {self.drafter.device}, target on {self.target.device}")
+        if feature_drafter:  # EAGLE-style: drafts from the target's features through the target's own head
+            self.head = sparse_head_for(self.target.head, mode=mode, async_gather=async_gather)
+            self.proposer = drafter.make_proposer(self.head, num_speculative_tokens, backend=backend,
+                                                  compile=compile, tree=tree)
+        else:
+            if tree is not None:
+                raise ValueError("tree drafting needs a feature drafter (EagleDrafter); a standalone model "
+                                 "drafts chains")
+            drafter_backend = model_backend(drafter, backend, compile=compile, shared=False)
+            if drafter_backend.device != self.target.device:
+                raise ValueError(f"drafter on {drafter_backend.device}, target on {self.target.device}")
+            self.head = sparse_head_for(drafter_backend.head, mode=mode, async_gather=async_gather)
+            self.proposer = ModelDrafter(drafter_backend, num_speculative_tokens, self.head)
         self._generation_config = getattr(target, "generation_config", None)
 
+    def parts(self) -> EngineParts:
+        """The engine's view of this decoder (what `new_run` hands to `DecodeRun`)."""
+        return EngineParts(self.target, self.proposer, self.policy, self.vocab_size, self.prefill_chunk)
+
     # ------------------------------------------------------------------ input handling (host side)
-    def _special_ids(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
-        gen = self._generation_config
-        eos = _as_id_list(eos_token_id if eos_token_id is not None else getattr(gen, "eos_token_id", None))
-        for e in eos:
-            if not 0 <= e < self.target_vocab_size:
-                raise ValueError(f"eos_token_id {e} out of range [0, {self.target_vocab_size})")
-        if pad_token_id is None:
-            pad_token_id = getattr(gen, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-        return eos, int(pad_token_id)
+    def _special_ids(self, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN) -> tuple[list[int], int]:
+        return resolve_special_ids(eos_token_id, pad_token_id, self._generation_config, self.target_vocab_size)
 
     def _check_prompt(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-            raise TypeError("input_ids must be an integer tensor [B, L]")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}")
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
-        if mask.dim() == 1:
-            mask = mask.unsqueeze(0)
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        mask = mask.to(device=input_ids.device).bool()
-        if not mask.any(1).all():
-            rows = (~mask.any(1)).nonzero().flatten().tolist()
-            raise ValueError(f"empty prompt in batch rows {rows}")
-        real = input_ids[mask]
-        lo, hi = int(real.min()), int(real.max())
-        if lo < 0 or hi >= self.target_vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.target_vocab_size}); got min {lo}, max {hi}")
-        return input_ids.long(), mask
+        return check_prompt(input_ids, attention_mask, self.target_vocab_size, self.target.device)
 
     # ------------------------------------------------------------------ public API
+    def new_run(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32, *,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN,
+                generator=None, observers=(), streamer=None, cuda_graph: bool | None = None):
+        """A validated, not yet started `DecodeRun` for one batch -> (run, input_ids, pad_token_id).
+
+        For tools that drive the engine themselves (evaluation traces, benchmarks, step-level tests):
+        `run.start()`, then `run.step()` / `run.capture()` / `run.run_steps()`, `run.sequences(input_ids,
+        pad)`, `run.summary()`. `generate` is `new_run` + `run.execute`. Arguments as in `generate`;
+        observers: callables given each step's `microspec.engine.StepRecord`.
+        """
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        input_ids, mask = self._check_prompt(input_ids, attention_mask)
+        eos, pad = self._special_ids(eos_token_id, pad_token_id)
+        check_generator(generator, input_ids.shape[0], self.target.device)
+        check_streamer(streamer, input_ids.shape[0])
+        check_policy_fits(self.policy, self.vocab_size)
+        dev = self.target.device
+        run = DecodeRun(self.parts(), input_ids.to(dev), mask.to(dev), max_new_tokens, cfg, eos, generator,
+                        cuda_graph=self.cuda_graph if cuda_graph is None else cuda_graph,
+                        observers=observers, streamer=streamer)
+        return run, input_ids, pad
+
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id=None, pad_token_id: int | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None) -> GenerateOutput:
+                 top_p: float | None = None, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 streamer=None) -> GenerateOutput:
         """Generate up to `max_new_tokens` per row. Greedy output equals `target.generate(do_sample=False)`;
         sampled output follows the target's processed distribution (temperature, top_k, top_p).
 
@@ -158,20 +169,20 @@ class SpecDecoder:
         generator: one torch.Generator, or one per row (then a row's samples do not depend on the batch).
         Seeded speculative sampling does not reproduce seeded plain sampling token for token (it follows
         the same distribution).
+        streamer: a transformers-style streamer (`put(LongTensor [n])`, `end()`), batch 1: it receives the tokens
+        as they are committed (then no CUDA graph is captured, and the host waits for every step).
+        eos_token_id / pad_token_id: as in transformers: not given, they come from the target's generation
+        config; `eos_token_id=None` (or []) means no EOS: every row runs to max_new_tokens.
+
+        Every argument is checked (type, range, device: `microspec.inputs`) before any model work.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
-        input_ids, mask = self._check_prompt(input_ids, attention_mask)
-        eos, pad = self._special_ids(eos_token_id, pad_token_id)
-        if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for {input_ids.shape[0]} rows")
-        run = DecodeRun(self, input_ids.to(self.target.device), mask.to(self.target.device), max_new_tokens, cfg,
-                        eos, generator, cuda_graph=self.cuda_graph)
+        run, input_ids, pad = self.new_run(input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                                           temperature=temperature, top_k=top_k, top_p=top_p,
+                                           eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                           generator=generator, streamer=streamer)
         try:
             return run.execute(input_ids, pad)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
-                f"{err}\nmicrospec: out of memory with batch={run.B}, K={self.K}, "
+                f"{err}\nmicrospec: out of memory with batch={run.B}, K={self.K}, nodes per step={run.N}, "
                 f"vocab={self.target_vocab_size}, capacity={self.policy.capacity}, cache length={run.S}") from err
-

@@ -21,10 +21,13 @@ race: argmax(w / E) with E = -log(U), U ~ U[0, 1) in float64, which samples inde
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .inputs import check_bool, check_real, is_int
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,20 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self):
+        # Types are checked always (refuse, never coerce: do_sample=1, top_k=2.0, temperature="1"); ranges
+        # only when sampling, since greedy decoding ignores them (as transformers does).
+        check_bool("do_sample", self.do_sample)
+        check_real("temperature", self.temperature, finite=False)
+        if self.top_k is not None and not is_int(self.top_k):
+            raise TypeError(f"top_k must be an int >= 1 or None, got {type(self.top_k).__name__} "
+                            f"{self.top_k!r}")
+        if self.top_p is not None:
+            check_real("top_p", self.top_p)
         if not self.do_sample:
             return
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0 when sampling, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
         if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -67,6 +79,25 @@ def process_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
         drop_sorted[..., -1] = False                                       # always keep the top token
         out = out.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return out
+
+
+def invalid_rows(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """bool [...]: rows of logits [..., V] that cannot be sampled from the way transformers would.
+
+    NaN anywhere is invalid in every mode. When sampling, so are +inf anywhere and a row with no finite
+    logit after the temperature (all -inf, or finite logits that the temperature sends to +-inf): there
+    softmax gives NaN and `torch.multinomial`, hence Hugging Face's `generate`, raises. Greedy decoding takes
+    the argmax of such rows, as transformers does. No host sync: callers accumulate the flag on the device
+    (`flag |= invalid_rows(...).any()`) and raise after the loop, as for NaN. Not for the drafter's
+    restricted logits, where an all -inf row is a legitimate "no mass in the active set" (`safe_softmax`).
+    """
+    bad = torch.isnan(logits).any(-1)
+    if not cfg.do_sample:
+        return bad
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if cfg.temperature != 1.0:
+        x = x / cfg.temperature
+    return bad | torch.isposinf(x).any(-1) | ~(x.amax(-1) > float("-inf"))
 
 
 def safe_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:

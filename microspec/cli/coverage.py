@@ -2,9 +2,9 @@
 
 Why a command: choosing a policy and a capacity is the first decision of a sparse-head deployment, and most
 of it can be made without a GPU: tokenize real prompt/response pairs with the target's tokenizer and replay
-them through the policies (`microspec.lab.coverage.simulate`), text-only in seconds, or with a small real model
-(`--model smollm2`) for the policies that read the target's top-k or hidden state. `microspec tune` reuses
-the data and policy plumbing here (`add_data_args`, `Setup`, `make_policy`).
+them through the policies (`microspec.lab.coverage.simulate`), text-only in seconds, or with a small real
+model (`--model smollm2`) for the policies that read the target's top-k or hidden state. `microspec tune`
+reuses the data and policy plumbing here (`add_data_args`, `Setup`, `make_policy`).
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--custom", metavar="MODULE:CALLABLE",
                    help="policy 'custom': a callable returning a VocabPolicy, called with capacity=C")
     p.add_argument("--custom-arg", metavar="ARG", help="first positional argument for --custom (e.g. a path)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars (off anyway when stderr is not a terminal)")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -304,6 +305,22 @@ def _check_args(args) -> None:
             raise FileNotFoundError(f"--{name} {path}: its folder does not exist")
     if args.fit and args.token_map:
         raise ValueError("use either --fit or --token-map, not both")
+    check_data_args(args)
+
+
+def check_data_args(args) -> None:
+    """The `add_data_args` options checkable before the tokenizer or model loads (shared with `tune`)."""
+    from pathlib import Path
+
+    from microspec.policies import load_token_map
+    if any(k < 0 for k in (getattr(args, "topk", None) or [])):
+        raise ValueError(f"--topk must be >= 0, got {args.topk}")
+    if args.model and args.model != "smollm2" and not Path(args.model).exists():
+        raise FileNotFoundError(f"--model {args.model}: no such file or model directory")
+    if args.custom is not None and (":" not in args.custom or not all(args.custom.partition(":")[::2])):
+        raise ValueError(f"--custom {args.custom}: expected MODULE:CALLABLE")
+    if args.token_map:
+        load_token_map(args.token_map)     # one-line error for a corrupt, empty, pickled or non-integer map
 
 
 def _table(rows: list[dict]) -> str:

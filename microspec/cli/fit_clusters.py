@@ -3,8 +3,8 @@
 Why a command: the policy's clusters and router are model-specific artefacts that take minutes to fit and
 milliseconds to load, so they are fitted once, saved (safetensors, no pickle) and reused by every run.
 
-Steps: split the fitting corpora (`microspec.lab.data.FITTING_CORPORA`, never an evaluation set) into a training
-part and a held-out part by document; count token frequencies on the training part; k-means over the
+Steps: split the fitting corpora (`microspec.lab.data.FITTING_CORPORA`, never an evaluation set) into a
+training part and a held-out part by document; count token frequencies on the training part; k-means over the
 model's normalised LM-head (or embedding) rows of the ids seen there; run the model teacher-forced over
 chat-formatted (prompt, response) pairs to collect (final hidden state, next W tokens); train the
 meta-classifier; report, on held-out positions, how much of the next draft block the policy's set covers
@@ -34,22 +34,27 @@ example (SmolLM2-135M, 7.5 minutes on a busy 2-core CPU; the file is 2.6 MB):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("fit-clusters", help="fit a ClusterPolicy (token clusters + router) for a model",
+    p = subparsers.add_parser("fit-clusters",
+                              help="fit a ClusterPolicy (token clusters + router) for a model",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (real weights), a .gguf file or a Hugging Face model directory (default: smollm2)")
+                   help="'smollm2' (real weights), a .gguf file or a Hugging Face model directory "
+                        "(default: smollm2)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to save the policy")
-    p.add_argument("--clusters", type=int, default=1024, metavar="K", help="number of clusters (default: 1024)")
+    p.add_argument("--clusters", type=int, default=1024, metavar="K",
+                   help="number of clusters (default: 1024)")
     p.add_argument("--features", choices=("lm-head", "embedding"), default="lm-head",
                    help="token rows to cluster, L2-normalised (default: lm-head)")
     p.add_argument("--core", type=int, default=256, metavar="N",
                    help="most frequent ids pinned in every set, outside the clusters (default: 256)")
     p.add_argument("--min-count", type=int, default=1, metavar="N",
-                   help="cluster only ids seen >= N times in the training split; 0 clusters every id (default: 1)")
+                   help="cluster only ids seen >= N times in the training split; 0 clusters every id "
+                        "(default: 1)")
     p.add_argument("--window", type=int, default=8, metavar="W",
                    help="label window: clusters of tokens t+1..t+W (default: 8 = 1 stale + K+1=6 + 1 slack)")
-    p.add_argument("--positions", type=int, default=30000, metavar="N", help="training positions (default: 30000)")
+    p.add_argument("--positions", type=int, default=30000, metavar="N",
+                   help="training positions (default: 30000)")
     p.add_argument("--holdout-positions", type=int, default=4000, metavar="N",
                    help="held-out positions for the report (default: 4000)")
     p.add_argument("--holdout", type=float, default=0.1, metavar="FRAC",
@@ -58,22 +63,27 @@ def register(subparsers) -> None:
                    help="response tokens used per document (default: 192)")
     p.add_argument("--hidden-units", type=int, default=0, metavar="H",
                    help="classifier hidden layer width; 0 = linear (default: 0)")
-    p.add_argument("--loss", choices=("softmax", "bce"), default="softmax", help="classifier loss (default: softmax)")
+    p.add_argument("--loss", choices=("softmax", "bce"), default="softmax",
+                   help="classifier loss (default: softmax)")
     p.add_argument("--epochs", type=int, default=4, help="classifier epochs (default: 4)")
     p.add_argument("--fill", choices=("tokens", "clusters"), default="tokens",
-                   help="saved default fill: rank ids by cluster score + frequency, or whole clusters (default: tokens)")
-    p.add_argument("--freq-weight", type=float, default=0.5, help="token fill: weight of log count (default: 0.5)")
+                   help="saved default fill: rank ids by cluster score + frequency, or whole clusters "
+                        "(default: tokens)")
+    p.add_argument("--freq-weight", type=float, default=0.5,
+                   help="token fill: weight of log count (default: 0.5)")
     p.add_argument("--no-context", action="store_true", help="token fill: do not rank context ids first")
     p.add_argument("--size-penalty", type=float, default=0.0,
                    help="cluster fill: rank by log p - penalty * log(size) (default: 0, by logit)")
-    p.add_argument("--block", type=int, default=6, metavar="K+1", help="draft block for the report (default: 6)")
+    p.add_argument("--block", type=int, default=6, metavar="K+1",
+                   help="draft block for the report (default: 6)")
     p.add_argument("--report-capacity", type=int, nargs="+", default=[512, 1024, 2048, 3072], metavar="C",
                    help="capacities of the report (default: 512 1024 2048 3072)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
                    help="model dtype while collecting hidden states (default: float32)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars (off anyway when stderr is not a terminal)")
     p.set_defaults(func=run)
 
 
@@ -94,6 +104,14 @@ def _check(args) -> None:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out {args.out}: folder {folder} does not exist")
+    import math
+    if not all(math.isfinite(x) and x >= 0 for x in (args.freq_weight, args.size_penalty)):
+        raise ValueError("--freq-weight and --size-penalty must be finite and >= 0")
+    if args.device is not None:
+        from ._common import check_device
+        check_device(args.device)
+    if args.model != "smollm2" and not os.path.exists(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such file or model directory")
 
 
 def split_pairs(corpora, holdout: float, seed: int):
@@ -114,7 +132,8 @@ def split_pairs(corpora, holdout: float, seed: int):
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if not ids:
@@ -153,7 +172,8 @@ def recall_table(policy, ranked, held, capacities, special, block, vocab_size) -
             w, h = target[i: i + 512], held.hidden[i: i + 512]
             seen = held.context_bitmap(i, i + w.shape[0], vocab_size)
             sets = {"static": static_ids[:C].expand(w.shape[0], -1), "static+ctx": tok.shortlist(None, seen),
-                    "clusters": clu.shortlist(h), "routed": tok.shortlist(h), "routed+ctx": tok.shortlist(h, seen)}
+                    "clusters": clu.shortlist(h), "routed": tok.shortlist(h),
+                    "routed+ctx": tok.shortlist(h, seen)}
             for name, ids in sets.items():
                 hits[name] += window_recall(ids, w)[0]
             total += window_recall(sets["static"], w)[1]
@@ -182,7 +202,8 @@ def run(args) -> int:
           file=sys.stderr)
     policy, report, timings = fit(model, tokenizer, train, held, args, device, quiet)
     source = find_smollm2(download=False) if args.model == "smollm2" else args.model
-    policy.metadata.update(model=f"{args.model} ({os.path.basename(str(source))})", corpora=",".join(FITTING_CORPORA),
+    policy.metadata.update(model=f"{args.model} ({os.path.basename(str(source))})",
+                           corpora=",".join(FITTING_CORPORA),
                            tokenizer=os.path.basename(str(getattr(tokenizer, "name_or_path", "") or source)))
     policy.save(args.out)
     print(format_report(report, timings, args, policy, os.path.getsize(args.out)))
@@ -195,7 +216,7 @@ def fit(model, tokenizer, train, held, args, device, quiet=True):
     import torch
     from tqdm import tqdm
 
-    from microspec import clustering
+    from microspec.lab import clustering
 
     timings = {}
     V = model.get_output_embeddings().weight.shape[0]
@@ -209,7 +230,8 @@ def fit(model, tokenizer, train, held, args, device, quiet=True):
     states = {}
     for name, pairs, n in (("train", train, args.positions), ("held-out", held, args.holdout_positions)):
         t = time.perf_counter()
-        with tqdm(total=n, desc=f"hidden states ({name})", unit="pos", disable=quiet, file=sys.stderr) as bar:
+        with tqdm(total=n, desc=f"hidden states ({name})", unit="pos", disable=True if quiet else None,
+                  file=sys.stderr) as bar:
             states[name] = clustering.collect_states(model, tokenizer, pairs, positions=n, window=args.window,
                                                      eos_id=eos[0], max_response=args.max_response,
                                                      progress=bar)
@@ -217,7 +239,7 @@ def fit(model, tokenizer, train, held, args, device, quiet=True):
     t = time.perf_counter()
 
     def progress(name, total):
-        return tqdm(total=total, desc=name, disable=quiet, file=sys.stderr)
+        return tqdm(total=total, desc=name, disable=True if quiet else None, file=sys.stderr)
 
     train_states = states["train"]
     meta = {"vocab_size": V, "features": args.features, "window": args.window,
@@ -227,8 +249,9 @@ def fit(model, tokenizer, train, held, args, device, quiet=True):
         clustering.token_features(model, args.features), train_states.hidden, train_states.windows,
         num_clusters=args.clusters, capacity=max(args.report_capacity), counts=counts, special_ids=eos,
         core_size=args.core, min_count=args.min_count, hidden_units=args.hidden_units, loss=args.loss,
-        epochs=args.epochs, seed=args.seed, device=device, metadata=meta, progress=None if quiet else progress,
-        fill=args.fill, freq_weight=args.freq_weight, context=not args.no_context, size_penalty=args.size_penalty)
+        epochs=args.epochs, seed=args.seed, device=device, metadata=meta,
+        progress=None if quiet else progress, fill=args.fill, freq_weight=args.freq_weight,
+        context=not args.no_context, size_penalty=args.size_penalty)
     timings["fit (k-means + classifier)"] = time.perf_counter() - t
     ranked = torch.argsort(-counts, stable=True)
     t = time.perf_counter()
@@ -242,7 +265,8 @@ def format_report(rows, timings, args, policy, size_bytes: int) -> str:
     lines = [f"ClusterPolicy: {policy.num_clusters} clusters over {policy.members.numel()} ids, core "
              f"{policy.core_ids.numel()}, {clf} classifier ({args.loss}), window {args.window}, saved fill "
              f"{policy.fill!r}" + (" + context" if policy.context else ""),
-             f"held-out recall of the next {args.block}-token block ({rows[0]['tokens'] if rows else 0} tokens):",
+             f"held-out recall of the next {args.block}-token block "
+             f"({rows[0]['tokens'] if rows else 0} tokens):",
              f"{'capacity':>8}" + "".join(f"{name:>12}" for name in COLUMNS)]
     for r in rows:
         lines.append(f"{r['capacity']:>8}" + "".join(f"{r[name]:>12.4f}" for name in COLUMNS))

@@ -55,7 +55,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, metavar="N",
                    help="how many ids --export writes (default: all ranked ids)")
     p.add_argument("--no-eos", action="store_true", help="do not force the tokenizer's EOS ids into --export")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars (off anyway when stderr is not a terminal)")
     p.set_defaults(func=run)
     return p
 
@@ -73,6 +74,21 @@ def _check(args) -> None:
         raise ValueError("--top applies to --export")
     if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
+    # Output paths and the imported map are checked now, not after minutes of counting.
+    from pathlib import Path
+
+    from microspec.lab.frequency import EXPORT_SUFFIXES
+    from microspec.policies import load_token_map
+    outputs = (("--out", args.out, (".safetensors",)), ("--export", args.export, EXPORT_SUFFIXES))
+    for flag, path, suffixes in outputs:
+        if path is None:
+            continue
+        if Path(path).suffix.lower() not in suffixes:
+            raise ValueError(f"{flag} {path}: the format must be one of {', '.join(suffixes)}")
+        if not Path(path).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: its folder does not exist")
+    if args.import_path:
+        load_token_map(args.import_path)     # one-line error for a corrupt, empty, pickled or non-integer map
 
 
 def run(args) -> int:

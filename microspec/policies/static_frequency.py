@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..inputs import as_token_ids, check_int, unique_stable
 from .base import VocabPolicy
 from .token_maps import load_token_map, ranked_ids_from_counts
 
@@ -18,7 +19,7 @@ class StaticFrequencyPolicy(VocabPolicy):
     """Top-`capacity` ids of a frequency ranking, shared by every batch row.
 
     Args:
-        ranked_ids: token ids, most frequent first (int64 [n]); duplicates keep their first rank.
+        ranked_ids: token ids, most frequent first (ints [n], never floats); duplicates keep their first rank.
         capacity:   how many ids to keep (default: all of `ranked_ids`, plus the special ids).
 
     Example:
@@ -31,21 +32,17 @@ class StaticFrequencyPolicy(VocabPolicy):
     shared = True
 
     def __init__(self, ranked_ids, capacity: int | None = None):
-        ranked = torch.as_tensor(ranked_ids, dtype=torch.long).flatten()
-        if ranked.numel() == 0:
-            raise ValueError("StaticFrequencyPolicy needs at least one token id")
-        if ranked.min() < 0:
-            raise ValueError(f"token ids must be >= 0, got min {int(ranked.min())}")
         # Keep the first occurrence of each id (its best rank).
-        uniq, inverse = torch.unique(ranked, return_inverse=True)
-        first = torch.full_like(uniq, ranked.numel()).scatter_reduce_(
-            0, inverse, torch.arange(ranked.numel()), "amin")
-        self.ranked_ids = uniq[first.argsort()]
+        self.ranked_ids = unique_stable(as_token_ids(ranked_ids, "StaticFrequencyPolicy ranked_ids"))
+        if capacity is not None:
+            check_int("capacity", capacity, minimum=1)
         super().__init__(capacity if capacity is not None else self.ranked_ids.numel())
 
     @classmethod
     def from_counts(cls, counts, capacity: int) -> "StaticFrequencyPolicy":
-        """From per-id counts (float or int [V]); ids with a zero count are never chosen."""
+        """From per-id counts (float or int [V], finite and >= 0); ids with a zero count are never chosen."""
+        if not isinstance(counts, (torch.Tensor, list, tuple)):
+            raise TypeError(f"counts must be a tensor or list of numbers [V], got {type(counts).__name__}")
         return cls(ranked_ids_from_counts(torch.as_tensor(counts)), capacity)
 
     @classmethod

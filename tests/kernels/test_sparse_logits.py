@@ -254,3 +254,47 @@ def test_strided_active_set_views(layout):
     except (ValueError, TypeError):
         return                                                               # rejected up front: fine
     assert torch.equal(got, want), "strided active_ids / n_active read as if contiguous"
+
+
+# Hopper's per-block shared memory (227 KiB): the tensor-core path keeps `num_stages` copies of the hidden tile
+# [T_PAD, BLOCK_D] and the row tile [BLOCK_C, BLOCK_D] (bf16) in flight. A launch config over it fails at run
+# time on the GPU only (seen on the H200 with 8 rows x a 10-node tree frontier folded into 80 tokens).
+HOPPER_SMEM = 232448
+
+
+@pytest.mark.parametrize("T", [2, 10, 16, 17, 32, 33, 64, 100, 512])
+@pytest.mark.parametrize("C", [1024, 3072, 32768])
+def test_tensor_core_configs_fit_shared_memory(T, C):
+    from microspec.kernels.sparse_logits import default_config
+    cfg = default_config(C, 4096, T, use_dot=True)
+    t_pad = max(1 << (T - 1).bit_length(), 16)
+    block_d = min(cfg["block_d"], 4096)
+    smem = cfg["num_stages"] * (t_pad * block_d + cfg["block_c"] * block_d) * 2
+    assert smem <= HOPPER_SMEM, (cfg, smem)
+
+
+def test_shared_set_folds_only_small_token_counts(monkeypatch):
+    """A shared set folds batch rows into tokens only up to FOLD_MAX_TOKENS; beyond, one program row per
+    batch row (same logits either way)."""
+    import importlib
+    sl = importlib.import_module("microspec.kernels.sparse_logits")   # the package exports an op of that name
+    g = torch.Generator().manual_seed(0)
+    V, D, C = 64, 32, 16
+    weight = torch.randn(V, D, generator=g)
+    ids = torch.randperm(V, generator=g)[:C].unsqueeze(0)
+    n = torch.tensor([C - 3])
+    seen = []
+    real = sl._launch
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(tuple(hidden.shape))
+        return real(hidden, *args, **kwargs)
+    monkeypatch.setattr(sl, "_launch", spy)
+    for B, T in [(2, 4), (4, 10)]:
+        hidden = torch.randn(B, T, D, generator=g)
+        seen.clear()
+        out = sl.sparse_logits_ref(hidden, weight, ids, n)
+        got = sl._launch(hidden, weight, ids, n, packed=False)
+        torch.testing.assert_close(got, out)
+        folded = (1, B * T, D) in seen
+        assert folded == (B * T <= sl.FOLD_MAX_TOKENS)
