@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "generate", "coverage", "fit-frequency", "fit-clusters", "tune", "eval")
+COMMANDS = ("demo", "generate", "coverage", "fit-frequency", "fit-clusters", "tune", "eval", "train-drafter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, ImportError) as err:  # bad input or a missing extra: a clear message
+    # bad input or a missing extra: a clear message
+    except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"microspec {args.command}: error: {err}", file=sys.stderr)
         return 2
