@@ -12,7 +12,14 @@ def cache_dir() -> Path:
 
 def shared_data_dir(required: bool = True) -> Path | None:
     """The shared data folder: $MICROSPEC_SHARED_DATA, else ../shared/data next to the current directory
-    or next to the repository root. Raises FileNotFoundError when absent and `required`, else None."""
+    or next to the repository root. Raises FileNotFoundError when absent and `required`, else None.
+
+    MICROSPEC_NO_SHARED=1 hides the folder (and the `../shared/models` beside it) wherever it is, even when
+    MICROSPEC_SHARED_DATA is set: how a test sees what a user without this repository's data sees."""
+    if os.environ.get("MICROSPEC_NO_SHARED", "") not in ("", "0"):
+        if required:
+            raise FileNotFoundError("shared data folder hidden by MICROSPEC_NO_SHARED")
+        return None
     env = os.environ.get("MICROSPEC_SHARED_DATA")
     candidates = [Path(env)] if env else []
     candidates += [Path.cwd() / "../shared/data", Path(__file__).resolve().parents[1] / "../shared/data"]

@@ -15,8 +15,8 @@ def chat_rows(tokenizer, texts: list[str]) -> list[list[int]]:
     rows = []
     for text in texts:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False)
         rows.append(tokenizer.encode(text, add_special_tokens=False))
     return rows
 

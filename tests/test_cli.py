@@ -15,7 +15,8 @@ def test_every_command_has_help(command, capsys):
 
 def test_demo_falls_back_to_a_tiny_random_model_and_says_so(monkeypatch, capsys):
     monkeypatch.setattr(models, "find_smollm2", lambda download=True: None)
-    rc = main(["demo", "--max-new-tokens", "7", "--prompts", "2", "--policy", "full,incontext", "--capacity", "64"])
+    rc = main(["demo", "--max-new-tokens", "7", "--prompts", "2", "--policy", "full,incontext",
+               "--capacity", "64"])
     out, err = capsys.readouterr()
     assert "TINY RANDOM" in err and "tiny random Llama (fallback)" in out
     assert rc == 0 and "All outputs equal plain greedy decoding." in out
