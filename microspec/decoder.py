@@ -77,21 +77,25 @@ class SpecDecoder:
             layer's small element-wise kernels; the first generate call pays the compilation).
 
     Example:
-        >>> out = SpecDecoder(target, drafter, InContextPolicy(capacity=2048), 5).generate(ids, max_new_tokens=64)
+        >>> dec = SpecDecoder(target, drafter, InContextPolicy(capacity=2048), 5)
+        >>> out = dec.generate(ids, max_new_tokens=64)
         >>> out.sequences, out.stats.mean_accepted_length
     """
 
     def __init__(self, target: nn.Module, drafter, policy: VocabPolicy, num_speculative_tokens: int = 4,
-                 *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack", prefill_chunk: int = 512,
+                 *, tokenizer=None, drafter_tokenizer=None, head_mode: str = "repack",
+                 prefill_chunk: int = 512,
                  cuda_graph: bool = True, async_gather: bool = False, compile: bool = False,
                  backend: str = "auto", tree=None):
-        check_decoder_options(num_speculative_tokens, head_mode, prefill_chunk, cuda_graph, async_gather, compile)
+        check_decoder_options(num_speculative_tokens, head_mode, prefill_chunk, cuda_graph, async_gather,
+                              compile)
         if not isinstance(policy, VocabPolicy):
             raise TypeError(f"policy must be a VocabPolicy, got {type(policy).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if tree is not None and not isinstance(tree, TreeSpec):
-            raise TypeError(f"tree must be a microspec.drafting.tree.TreeSpec or None, got {type(tree).__name__}")
+            raise TypeError(f"tree must be a microspec.drafting.tree.TreeSpec or None, "
+                            f"got {type(tree).__name__}")
         feature_drafter = hasattr(drafter, "make_proposer")
         drafter_model = drafter.target if feature_drafter else drafter
         if feature_drafter and drafter.target is not target:
@@ -126,7 +130,8 @@ class SpecDecoder:
 
     # ------------------------------------------------------------------ input handling (host side)
     def _special_ids(self, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN) -> tuple[list[int], int]:
-        return resolve_special_ids(eos_token_id, pad_token_id, self._generation_config, self.target_vocab_size)
+        return resolve_special_ids(eos_token_id, pad_token_id, self._generation_config,
+                                   self.target_vocab_size)
 
     def _check_prompt(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return check_prompt(input_ids, attention_mask, self.target_vocab_size, self.target.device)
@@ -169,8 +174,8 @@ class SpecDecoder:
         generator: one torch.Generator, or one per row (then a row's samples do not depend on the batch).
         Seeded speculative sampling does not reproduce seeded plain sampling token for token (it follows
         the same distribution).
-        streamer: a transformers-style streamer (`put(LongTensor [n])`, `end()`), batch 1: it receives the tokens
-        as they are committed (then no CUDA graph is captured, and the host waits for every step).
+        streamer: a transformers-style streamer (`put(LongTensor [n])`, `end()`), batch 1: it receives the
+        tokens as they are committed (then no CUDA graph is captured, and the host waits for every step).
         eos_token_id / pad_token_id: as in transformers: not given, they come from the target's generation
         config; `eos_token_id=None` (or []) means no EOS: every row runs to max_new_tokens.
 
@@ -185,4 +190,5 @@ class SpecDecoder:
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"{err}\nmicrospec: out of memory with batch={run.B}, K={self.K}, nodes per step={run.N}, "
-                f"vocab={self.target_vocab_size}, capacity={self.policy.capacity}, cache length={run.S}") from err
+                f"vocab={self.target_vocab_size}, capacity={self.policy.capacity}, "
+                f"cache length={run.S}") from err

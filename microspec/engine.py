@@ -39,7 +39,8 @@ from .verification import Verdict, verify
 @dataclass
 class EngineParts:
     """What a run is made of. vocab_size: ids the policy may hold (the shared vocabulary, <= the target's).
-    verifier: decides what a block commits (swap it to impose acceptance, as `benchmarks/bench_e2e.py` does)."""
+    verifier: decides what a block commits (swap it to impose acceptance, as `benchmarks/bench_e2e.py`
+    does)."""
 
     target: ModelBackend
     proposer: Proposer
@@ -84,7 +85,8 @@ class Prefilled:
 class DecodeRun:
     def __init__(self, parts: EngineParts, input_ids: Tensor, mask: Tensor, max_new: int, cfg: SamplingConfig,
                  eos: list[int], generator=None, *, cuda_graph: bool = False, observers=(), streamer=None):
-        self.parts, self.policy, self.proposer, self.target = parts, parts.policy, parts.proposer, parts.target
+        self.parts, self.policy, self.proposer = parts, parts.policy, parts.proposer
+        self.target = parts.target
         self.cfg, self.max_new, self.generator = cfg, max_new, generator
         self.observers, self.streamer = list(observers), streamer
         B, L = input_ids.shape
@@ -105,7 +107,8 @@ class DecodeRun:
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(eos, dtype=torch.long, device=dev)
         self.block = torch.arange(N + 1, device=dev)                                    # [N+1]
-        self.nan_seen = torch.zeros(1, dtype=torch.bool, device=dev)                     # target (drafter: its own)
+        # The target's bad-logit flag (NaN, or what sampling cannot draw from); the drafter keeps its own.
+        self.nan_seen = torch.zeros(1, dtype=torch.bool, device=dev)
         self.stats = {name: torch.zeros((), dtype=torch.long, device=dev)
                       for name in ("row_steps", "accepted", "committed", "covered", "active")}
         self.histogram = torch.zeros(N + 1, dtype=torch.long, device=dev)
@@ -128,7 +131,7 @@ class DecodeRun:
             return
         C = self.policy.active_ids.shape[1]
         f64 = dict(dtype=torch.float64, device=self.device)
-        # Only sampled chains draw their drafts from noise; top-k trees need none (and [B, N, V] would be big).
+        # Only sampled chains draw their drafts from noise; top-k trees need none ([B, N, V] would be big).
         self.draft_noise = torch.empty(self.B, self.N if self.proposer.draws_noise else 0, C, **f64)
         self.uniforms = torch.empty(self.B, self.N, **f64)
         self.next_noise = torch.empty(self.B, self.parts.target_vocab_size, **f64)
@@ -213,7 +216,7 @@ class DecodeRun:
 
     # ------------------------------------------------------------------ one decode step (capturable)
     def step(self) -> None:
-        n, parts = self.n, self.parts
+        n = self.n
         ids, n_act = self.policy.active()                                                # [R, C], [R]
         if self.proposer.head is not None:
             self.proposer.head.refresh()
@@ -224,8 +227,8 @@ class DecodeRun:
         hidden = self.target.forward(block, (n - 1).unsqueeze(1) + depth, (n - 1).unsqueeze(1) + self.block,
                                      tree_mask=drafts.tree_mask)                         # [B, N+1, D]
         t_logits = self.target.logits(hidden)                                            # [B, N+1, V]
-        verdict = self.parts.verifier(drafts, t_logits, ids, self.cfg, self.uniforms if self.cfg.do_sample else None,
-                         self.next_noise if self.cfg.do_sample else None)
+        noise = (self.uniforms, self.next_noise) if self.cfg.do_sample else (None, None)
+        verdict = self.parts.verifier(drafts, t_logits, ids, self.cfg, *noise)
         path = verdict.path if verdict.path is not None else self.block[: verdict.tokens.shape[1]].expand(
             self.B, -1)                                                                  # [B, M]
         # Raise at the end (no sync here) where a committed token came from logits transformers refuses:
@@ -234,7 +237,8 @@ class DecodeRun:
         bad = invalid_rows(t_logits, self.cfg).gather(1, path)                           # [B, M]
         self.nan_seen[0] |= (bad & used & ~self.done.unsqueeze(1)).any()
         if not drafts.is_chain:  # the accepted nodes' K/V move to the slots their positions own
-            self.target.move_kv((n - 1).unsqueeze(1) + path, (n - 1).unsqueeze(1) + self.block[: path.shape[1]])
+            base = (n - 1).unsqueeze(1)
+            self.target.move_kv(base + path, base + self.block[: path.shape[1]])
         self._commit(verdict, path, drafts, t_logits, hidden, ids, n_act)
 
     def _commit(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor, hidden: Tensor,
@@ -329,7 +333,8 @@ class DecodeRun:
         return GenerateOutput(self.sequences(original_ids, pad), self.summary())
 
     def sequences(self, original_ids: Tensor, pad: int) -> Tensor:
-        """[B, L + new]: the caller's prompt (padding included), then each row's new tokens padded with `pad`."""
+        """[B, L + new]: the caller's prompt (padding included), then each row's new tokens, padded with
+        `pad`."""
         self._raise_on_nan()
         G = int(self.generated.max())
         span = torch.arange(G, device=self.device)

@@ -21,8 +21,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "file, or a Hugging Face model directory (default: smollm2)")
     parser.add_argument("--drafter", default="self",
                         help="'self' (the target with a pruned head), 'early-exit:N' (its first N layers), "
-                             "'eagle:PATH' (a trained EAGLE head, e.g. checkpoints/eagle-smollm2), or another "
-                             "model path sharing the tokenizer (default: self)")
+                             "'eagle:PATH' (a trained EAGLE head, e.g. checkpoints/eagle-smollm2), or "
+                             "another model path sharing the tokenizer (default: self)")
     parser.add_argument("--tree", default=None, metavar="TOPK,DEPTH,TOKENS",
                         help="EAGLE-2 dynamic tree drafting (eagle: drafters only), e.g. 10,6,60 (default: a "
                              "chain of -K drafts)")

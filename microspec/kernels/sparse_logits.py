@@ -164,7 +164,7 @@ def default_config(C: int, D: int, T: int, use_dot: bool) -> dict:
     L2). One token: two rows per program and 1024-wide loads keep ~1.5k programs in flight, which a GEMV
     needs to reach bandwidth; several tokens: tensor-core tiles, wider in C for large sets."""
     if use_dot:
-        if T > 32:   # the [T_PAD, BLOCK_D] hidden tile grows with T: narrower and shallower to fit shared memory
+        if T > 32:   # the [T_PAD, BLOCK_D] hidden tile grows with T: narrower, shallower (shared memory)
             return dict(block_c=32, block_d=64, num_warps=4, num_stages=2)
         if C > 8192:
             return dict(block_c=64, block_d=128, num_warps=4, num_stages=3)

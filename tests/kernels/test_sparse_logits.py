@@ -256,9 +256,9 @@ def test_strided_active_set_views(layout):
     assert torch.equal(got, want), "strided active_ids / n_active read as if contiguous"
 
 
-# Hopper's per-block shared memory (227 KiB): the tensor-core path keeps `num_stages` copies of the hidden tile
-# [T_PAD, BLOCK_D] and the row tile [BLOCK_C, BLOCK_D] (bf16) in flight. A launch config over it fails at run
-# time on the GPU only (seen on the H200 with 8 rows x a 10-node tree frontier folded into 80 tokens).
+# Hopper's per-block shared memory (227 KiB): the tensor-core path keeps `num_stages` copies of the hidden
+# tile [T_PAD, BLOCK_D] and the row tile [BLOCK_C, BLOCK_D] (bf16) in flight. A launch config over it fails
+# at run time on the GPU only (seen on the H200 with 8 rows x a 10-node tree frontier folded into 80 tokens).
 HOPPER_SMEM = 232448
 
 
