@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (copies_beyond_l2, copy_bandwidth, environment, save, time_us,  # noqa: E402
-                               time_us_rotating)
-from microspec.kernels import packed_logits_triton, sparse_logits_triton  # noqa: E402
+from benchmarks.common import copies_beyond_l2, copy_bandwidth, environment, save, time_us, time_us_rotating
+from microspec.cli.progress import echo, progress_bar
+from microspec.kernels import packed_logits_triton, sparse_logits_triton
 
 PROVIDERS = ("dense", "index_select", "pregathered", "triton_gather", "triton_packed")
 GRID = dict(batch=(1, 4, 8), hidden=(896, 1536, 2048, 4096), capacity=(1024, 2048, 3072, 4096, 8192, 32768),
@@ -59,9 +59,10 @@ class Case:
         if name == "pregathered":
             return [lambda r=r: torch.matmul(h, r[0].T) for r in self.rows]
         if name == "triton_gather":
-            return [lambda i=i: sparse_logits_triton(h, W, i, self.n, **cfg) for i in self.ids]
+            return [lambda i=i: sparse_logits_triton(h, W, i, self.n, validate=False, **cfg)
+                    for i in self.ids]
         if name == "triton_packed":
-            return [lambda r=r: packed_logits_triton(h, r, self.n, **cfg) for r in self.rows]
+            return [lambda r=r: packed_logits_triton(h, r, self.n, validate=False, **cfg) for r in self.rows]
         raise ValueError(name)
 
     def provider(self, name, **cfg):
@@ -88,11 +89,12 @@ def check(case: Case) -> None:
         assert err < 1e-2, f"{name}: relative error {err:.2e} at B={case.B} D={case.D} C={case.C}"
 
 
-def run_grid(grid: dict, per_row: bool, bandwidth: float) -> list[dict]:
+def run_grid(grid: dict, per_row: bool, bandwidth: float, quiet: bool = False) -> list[dict]:
     """Every provider at every size, timed twice: `us` = do_bench median (cold L2, one call with its launch),
     `graph_us` = per call in a CUDA graph rotating over input copies beyond L2 (as inside a captured step)."""
     rows, dense_cache = [], {}
-    for B, D, C, V in itertools.product(grid["batch"], grid["hidden"], grid["capacity"], grid["vocab"]):
+    sizes = list(itertools.product(grid["batch"], grid["hidden"], grid["capacity"], grid["vocab"]))
+    for B, D, C, V in progress_bar(quiet, sizes, unit="size", desc="lm head"):
         if C > V:
             continue
         floor_bytes = (B if per_row else 1) * C * D * 2
@@ -114,14 +116,15 @@ def run_grid(grid: dict, per_row: bool, bandwidth: float) -> list[dict]:
     return rows
 
 
-def tune(bandwidth: float) -> list[dict]:
+def tune(bandwidth: float, quiet: bool = False) -> list[dict]:
     """Time Triton launch configs (graph replay, inputs beyond L2) at the headline sizes; print the best."""
     one_token = [dict(block_c=bc, block_d=bd, num_warps=w, num_stages=s)
                  for bc, bd, w, s in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (2, 3, 4))]
     dot = [dict(block_c=bc, block_d=bd, num_warps=w, num_stages=s)
            for bc, bd, w, s in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4))]
     results = []
-    for B, D, C in itertools.product((1, 8), (2048, 4096), (3072, 32768)):
+    sizes = list(itertools.product((1, 8), (2048, 4096), (3072, 32768)))
+    for B, D, C in progress_bar(quiet, sizes, desc="tune"):
         case = Case(B, D, C, 128256, copies=copies_beyond_l2(C * D * 2, cap=16))
         floor_us = case.floor_bytes() / bandwidth * 1e6
         for name in ("triton_gather", "triton_packed"):
@@ -135,8 +138,8 @@ def tune(bandwidth: float) -> list[dict]:
             default_us = time_us_rotating(case.providers(name))
             results.append(dict(provider=name, batch=B, hidden=D, capacity=C, best_us=best_us, best=best,
                                 default_us=default_us, floor_us=floor_us))
-            print(f"{name:14s} B={B} D={D:5d} C={C:6d}  best {best_us:7.1f} us {best}  default "
-                  f"{default_us:7.1f} us  floor {floor_us:6.1f} us", flush=True)
+            echo(f"{name:14s} B={B} D={D:5d} C={C:6d}  best {best_us:7.1f} us {best}  default "
+                 f"{default_us:7.1f} us  floor {floor_us:6.1f} us")
     return results
 
 
@@ -150,7 +153,8 @@ def table(rows: list[dict]) -> str:
     for (B, D, C, V), by in keyed.items():
         best = min(by[p]["graph_us"] for p in ("triton_gather", "triton_packed"))
         floor = by["dense"]["floor_us"]
-        lines.append(f"{B:>2} {D:>5} {C:>6} {V:>6} | " + " ".join(f"{by[p]['graph_us']:>13.1f}" for p in PROVIDERS)
+        cells = " ".join(f"{by[p]['graph_us']:>13.1f}" for p in PROVIDERS)
+        lines.append(f"{B:>2} {D:>5} {C:>6} {V:>6} | " + cells
                      + f" | {floor:5.1f}  {best / floor:6.2f}x  {by['dense']['graph_us'] / best:7.1f}x")
     return "\n".join(lines)
 
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="search Triton launch configs")
     ap.add_argument("--per-row", action="store_true", help="one active set per batch row")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar (off anyway when stderr is not a terminal)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lm_head needs a CUDA device", file=sys.stderr)
@@ -169,11 +175,12 @@ def main(argv=None) -> int:
     print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     env = environment()
     if args.tune:
-        path = save("lm_head_tune", dict(env=env, copy_bandwidth=bw, results=tune(bw)), args.out)
+        path = save("lm_head_tune", dict(env=env, copy_bandwidth=bw, results=tune(bw, args.quiet)), args.out)
     else:
-        rows = run_grid(HEADLINE if args.quick else GRID, args.per_row, bw)
+        rows = run_grid(HEADLINE if args.quick else GRID, args.per_row, bw, args.quiet)
         print(table(rows))
-        path = save("lm_head", dict(env=env, copy_bandwidth=bw, command=" ".join(sys.argv), rows=rows), args.out)
+        path = save("lm_head", dict(env=env, copy_bandwidth=bw, command=" ".join(sys.argv), rows=rows),
+                    args.out)
     print(f"wrote {path}")
     return 0
 

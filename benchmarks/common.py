@@ -89,7 +89,8 @@ def environment() -> dict:
     import transformers
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "transformers": transformers.__version__, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+           "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                      else platform.processor() or "cpu")}
     try:
         import triton
         env["triton"] = triton.__version__

@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 STYLE = {"dense": ("k", "--"), "index_select": ("tab:gray", ":"), "pregathered": ("tab:blue", "-"),
          "triton_gather": ("tab:orange", "-"), "triton_packed": ("tab:red", "-")}
@@ -27,17 +27,19 @@ def main(src: str, dst: str, vocab: int = 128256) -> None:
         sel = [r for r in rows if r["batch"] == B and r["hidden"] == D]
         caps = sorted({r["capacity"] for r in sel})
         for provider, (color, ls) in STYLE.items():
-            ys = [next(r["graph_us"] for r in sel if r["capacity"] == c and r["provider"] == provider) for c in caps]
+            ys = [next(r["graph_us"] for r in sel if r["capacity"] == c and r["provider"] == provider)
+                  for c in caps]
             ax.plot(caps, ys, color=color, ls=ls, marker="o", ms=3, label=provider)
         floor = [next(r["floor_us"] for r in sel if r["capacity"] == c) for c in caps]
         ax.plot(caps, floor, color="green", lw=2, alpha=0.5, label="floor (C·D·2 B / copy BW)")
-        ax.set(xscale="log", yscale="log", xlabel="capacity C (rows scored)", title=f"B={B}, D={D}, V={vocab}")
+        ax.set(xscale="log", yscale="log", xlabel="capacity C (rows scored)",
+               title=f"B={B}, D={D}, V={vocab}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("µs per call (CUDA-graph replay, inputs beyond L2)")
     axes[0].legend(fontsize=7)
     env = data["env"]
-    fig.suptitle(f"LM-head latency, {env['device']}, bf16, {env['date']} (torch {env['torch']}, triton {env['triton']})",
-                 fontsize=10)
+    fig.suptitle(f"LM-head latency, {env['device']}, bf16, {env['date']} "
+                 f"(torch {env['torch']}, triton {env['triton']})", fontsize=10)
     fig.tight_layout()
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(dst, dpi=110)

@@ -14,8 +14,8 @@ SPARSE = ("pregathered", "triton_gather", "triton_packed")
 
 
 def lm_head(data, batches=(1, 8), vocab=128256) -> str:
-    out = ["| B | D | C | dense | index_select | pregathered cuBLAS | Triton gather | Triton packed | floor | "
-           "best / floor | dense / best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| B | D | C | dense | index_select | pregathered cuBLAS | Triton gather | Triton packed | "
+           "floor | best / floor | dense / best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     keyed = {}
     for r in data["rows"]:
         if r["vocab"] == vocab and r["batch"] in batches and not r["per_row"]:
@@ -24,22 +24,23 @@ def lm_head(data, batches=(1, 8), vocab=128256) -> str:
         best = min(by[p]["graph_us"] for p in ("triton_gather", "triton_packed"))
         floor = by["dense"]["floor_us"]
         cells = " | ".join(f"{by[p]['graph_us']:.1f}" for p in ("dense", "index_select") + SPARSE)
-        out.append(f"| {B} | {D} | {C} | {cells} | {floor:.1f} | {best / floor:.2f}× | {by['dense']['graph_us'] / best:.1f}× |")
+        out.append(f"| {B} | {D} | {C} | {cells} | {floor:.1f} | {best / floor:.2f}× | "
+                   f"{by['dense']['graph_us'] / best:.1f}× |")
     return "\n".join(out)
 
 
 def draft(data) -> str:
-    out = ["| drafter | B | policy | active rows | draft step (K=5), µs | µs per drafted token | draft time vs dense |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| drafter | B | policy | active rows | draft step (K=5), µs | µs per drafted token | "
+           "draft time vs dense |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         change = "—" if r["policy"] == "dense" else f"{-100 * r['reduction']:+.1f} %"
-        out.append(f"| {r['drafter']} | {r['batch']} | {r['policy']} | {r['n_active']:.0f} | {r['step_us']:.0f} | "
-                   f"{r['per_token_us']:.0f} | {change} |")
+        out.append(f"| {r['drafter']} | {r['batch']} | {r['policy']} | {r['n_active']:.0f} | "
+                   f"{r['step_us']:.0f} | {r['per_token_us']:.0f} | {change} |")
     gathers = [r for r in data.get("overlap", []) if "gather" in r]
     if gathers:
         out += ["", "| drafter | B | gather of new rows | draft step, µs |", "|---|---|---|---|"]
-        out += [f"| {r['drafter']} | {r['batch']} | {r['gather']} ({r['delta_rows']} rows) | {r['step_us']:.0f} |"
-                for r in gathers]
+        out += [f"| {r['drafter']} | {r['batch']} | {r['gather']} ({r['delta_rows']} rows) | "
+                f"{r['step_us']:.0f} |" for r in gathers]
     updates = [r for r in data.get("overlap", []) if "policy_update_us" in r]
     if updates:
         out += ["", "| drafter | B | InContextPolicy.on_commit, µs |", "|---|---|---|"]
@@ -51,7 +52,8 @@ def e2e(data) -> str:
     out = ["| target | drafter | B | method | tokens/s | vs plain | vs spec:dense | τ | active rows |",
            "|---|---|---|---|---|---|---|---|---|"]
     plain = {(r["target"], r["batch"]): r["tok_s"] for r in data["rows"] if r["method"] == "plain"}
-    dense = {(r["target"], r["drafter"], r["batch"]): r["tok_s"] for r in data["rows"] if r["method"] == "spec:dense"}
+    dense = {(r["target"], r["drafter"], r["batch"]): r["tok_s"]
+             for r in data["rows"] if r["method"] == "spec:dense"}
     for r in data["rows"]:
         base = plain.get((r["target"], r["batch"]))
         d = dense.get((r["target"], r["drafter"], r["batch"]))
@@ -59,8 +61,8 @@ def e2e(data) -> str:
         vs_dense = f"{r['tok_s'] / d:.2f}×" if d and r["method"].startswith("spec:") else ""
         tau = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else ""
         active = f"{r['mean_active']:.0f}" if "mean_active" in r else ""
-        out.append(f"| {r['target']} | {r['drafter'] or ''} | {r['batch']} | {r['method']} | {r['tok_s']:.1f} | "
-                   f"{vs_plain} | {vs_dense} | {tau} | {active} |")
+        out.append(f"| {r['target']} | {r['drafter'] or ''} | {r['batch']} | {r['method']} | "
+                   f"{r['tok_s']:.1f} | {vs_plain} | {vs_dense} | {tau} | {active} |")
     return "\n".join(out)
 
 

@@ -35,8 +35,9 @@ SHAPES = {
                                                      num_hidden_layers=28, num_attention_heads=28,
                                                      num_key_value_heads=4, vocab_size=152064)),
     # tiny stand-ins for CPU smoke runs of the benchmark scripts
-    "tiny-llama": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=3000)),
+    "tiny-llama": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, intermediate_size=128,
+                                                     num_hidden_layers=2, num_attention_heads=4,
+                                                     num_key_value_heads=2, vocab_size=3000)),
     "tiny-llama-1l": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=64, intermediate_size=128,
                                                         num_hidden_layers=1, num_attention_heads=4,
                                                         num_key_value_heads=2, vocab_size=3000)),
@@ -53,8 +54,8 @@ PAIRS = {  # target -> drafters benchmarked with it
 def build(name: str, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> torch.nn.Module:
     """A model of the named shape with random weights (std 0.02, Hugging Face's init), built on `device`."""
     config_cls, model_cls, kwargs = SHAPES[name]
-    config = config_cls(**kwargs, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                        attn_implementation="sdpa")
+    config = config_cls(**kwargs, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0, attn_implementation="sdpa")
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -9,7 +9,8 @@ from benchmarks.bench_lm_head import PROVIDERS, Case
 from benchmarks.common import copies_beyond_l2, copy_bandwidth
 
 CUDA = torch.cuda.is_available()
-SIZES = [(1, 4096, 3072), (1, 4096, 2048), (1, 2048, 3072), (1, 896, 3072), (8, 4096, 3072)] if CUDA else [(2, 64, 40)]
+SIZES = ([(1, 4096, 3072), (1, 4096, 2048), (1, 2048, 3072), (1, 896, 3072), (8, 4096, 3072)] if CUDA
+         else [(2, 64, 40)])
 VOCAB = 128256 if CUDA else 500
 CALLS = 32
 
@@ -25,7 +26,8 @@ def test_lm_head(benchmark, bandwidth, provider, size):
     if provider.startswith("triton") and not CUDA:
         pytest.skip("Triton providers are timed on CUDA (the CPU interpreter tests them for correctness)")
     B, D, C = size
-    case = Case(B, D, C, VOCAB, device="cuda" if CUDA else "cpu", dtype=torch.bfloat16 if CUDA else torch.float32,
+    case = Case(B, D, C, VOCAB, device="cuda" if CUDA else "cpu",
+                dtype=torch.bfloat16 if CUDA else torch.float32,
                 copies=copies_beyond_l2(C * D * 2, cap=16) if CUDA else 1)
     fns = case.providers(provider)
     if CUDA:
@@ -48,4 +50,5 @@ def test_lm_head(benchmark, bandwidth, provider, size):
         us = benchmark.stats.stats.median / calls * 1e6
         floor_us = case.floor_bytes() / bandwidth * 1e6
         benchmark.extra_info.update(us_per_call=us, bytes=case.bytes_moved(provider),
-                                    gbps=case.bytes_moved(provider) / us * 1e-3, pct_of_floor=100 * floor_us / us)
+                                    gbps=case.bytes_moved(provider) / us * 1e-3,
+                                    pct_of_floor=100 * floor_us / us)

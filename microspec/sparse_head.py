@@ -4,8 +4,9 @@
 
 Three modes:
   * "repack" (default, NanoSpec's mode 2): a persistent buffer rows [R, C, D] holds the active rows; before a
-    draft block only the rows whose slot changed are copied (`delta_gather_`), on a side CUDA stream, and the
-    head waits on an event just before its first GEMV, so the copy overlaps the drafter's layers.
+    draft block only the rows whose slot changed are copied (`delta_gather_`); with `async_gather` on a side
+    CUDA stream whose event the head waits on just before its first GEMV (off in `SpecDecoder`: measured
+    slower than the serialized copy of the few rows an update admits).
   * "gather" (NanoSpec's mode 1): a fused gather-GEMV reads rows by index on every call; no buffer.
   * "dense": the full head (used for `FullVocab`); slot s is token s.
 

@@ -115,7 +115,8 @@ class PolicyContract:
         return hidden if policy.wants_hidden else None
 
     def run_history(self, policy, prompt, commits, check=None):
-        policy.on_prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]), hidden=self._hidden(policy, prompt[3]))
+        policy.on_prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]),
+                          hidden=self._hidden(policy, prompt[3]))
         if check:
             check(policy)
         for ids, mask, topk, hidden in commits:
@@ -186,7 +187,8 @@ class PolicyContract:
             policy = self.setup_policy()
             policy.on_prefill(prompt[0].where(prompt[1], torch.randint(0, self.vocab_size, prompt[0].shape,
                                                                        generator=g)),
-                              prompt[1], self._topk(policy, prompt[2]), hidden=self._hidden(policy, prompt[3]))
+                              prompt[1], self._topk(policy, prompt[2]),
+                              hidden=self._hidden(policy, prompt[3]))
             for ids, mask, topk, hidden in commits:
                 noise = torch.randint(0, self.vocab_size, ids.shape, generator=g)
                 topk_noise = torch.randint(0, self.vocab_size, topk.shape, generator=g)

@@ -17,7 +17,8 @@ def test_plain_decoder_equals_hf_greedy(family, max_new):
     ids = ids.masked_fill(mask == 0, PAD)
     expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
                               eos_token_id=[EOS], pad_token_id=PAD)
-    out = PlainDecoder(model).generate(ids, mask, max_new_tokens=max_new, eos_token_id=[EOS], pad_token_id=PAD)
+    out = PlainDecoder(model).generate(ids, mask, max_new_tokens=max_new, eos_token_id=[EOS],
+                                       pad_token_id=PAD)
     assert torch.equal(out, expected)
 
 
@@ -27,5 +28,5 @@ def test_rows_stop_at_eos():
     plain = model.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=[], pad_token_id=PAD)
     eos = int(plain[0, 8])
     expected = model.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=[eos], pad_token_id=PAD)
-    assert torch.equal(PlainDecoder(model).generate(ids, max_new_tokens=20, eos_token_id=[eos], pad_token_id=PAD),
-                       expected)
+    assert torch.equal(PlainDecoder(model).generate(ids, max_new_tokens=20, eos_token_id=[eos],
+                                                    pad_token_id=PAD), expected)

@@ -21,7 +21,8 @@ def sk():
 def blobs(n=1200, d=6, centers=15, spread=1.0, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(centers, d, generator=g, dtype=dtype) * 4
-    return mu[torch.randint(centers, (n,), generator=g)] + spread * torch.randn(n, d, generator=g, dtype=dtype)
+    return (mu[torch.randint(centers, (n,), generator=g)]
+            + spread * torch.randn(n, d, generator=g, dtype=dtype))
 
 
 def sklearn_fit(sk, x, k, init, **kw):
@@ -185,8 +186,8 @@ def _cli_args(tmp_path, *extra):
     parser = argparse.ArgumentParser()
     fit_clusters.register(parser.add_subparsers())
     return parser.parse_args(["fit-clusters", "--out", str(tmp_path / "c.safetensors"), "--clusters", "8",
-                              "--positions", "80", "--holdout-positions", "30", "--core", "4", "--epochs", "1",
-                              "--report-capacity", "12", "40", "--no-progress", *extra])
+                              "--positions", "80", "--holdout-positions", "30", "--core", "4",
+                              "--epochs", "1", "--report-capacity", "12", "40", "--no-progress", *extra])
 
 
 def test_fit_clusters_command_pipeline(tmp_path):
@@ -210,7 +211,8 @@ def test_fit_clusters_command_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("extra,error", [(("--window", "4"), ValueError), (("--clusters", "0"), ValueError),
-                                         (("--holdout", "1.5"), ValueError), (("--model", "/nope/m.gguf"), FileNotFoundError)])
+                                         (("--holdout", "1.5"), ValueError),
+                                         (("--model", "/nope/m.gguf"), FileNotFoundError)])
 def test_fit_clusters_command_rejects_bad_arguments(tmp_path, extra, error):
     args = _cli_args(tmp_path, *extra)
     with pytest.raises(error):

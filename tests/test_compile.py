@@ -31,7 +31,8 @@ def history(B, V, M, steps, k, seed=0):
                torch.randint(0, V, (B, M, k), generator=g).to(DEVICE))
 
 
-@pytest.mark.parametrize("policy", [InContextPolicy(capacity=64, topk=3), InContextPolicy(64, 3, eviction="fifo"),
+@pytest.mark.parametrize("policy", [InContextPolicy(capacity=64, topk=3),
+                                    InContextPolicy(64, 3, eviction="fifo"),
                                     InContextPolicy(64, 3, eviction=None)], ids=["lru", "fifo", "grow"])
 def test_policy_update_compiles_once(policy):
     B, V, M = 3, 500, 6

@@ -37,7 +37,8 @@ def make_policy(kind: str, capacity: int):
     if kind == "full":
         return FullVocab()
     if kind == "static":
-        return StaticFrequencyPolicy(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3)), capacity)
+        return StaticFrequencyPolicy(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3)),
+                                     capacity)
     eviction = {"lru": "lru", "fifo": "fifo", "grow": None}[kind]
     return InContextPolicy(capacity=capacity, topk=3 if capacity > 4 else 0, eviction=eviction)
 
@@ -55,12 +56,15 @@ def check(family, drafter, policy_kind, capacity, K, batch, max_new, seed, early
     if early_eos:  # an id the target really emits, so some rows stop mid-way
         eos = (int(reference(family, batch, seed, max_new, eos)[2][0, -max(1, max_new // 2)]),)
     ids, mask, expected = reference(family, batch, seed, max_new, eos)
-    decoder = SpecDecoder(models(family)["same"], models(family)[drafter], make_policy(policy_kind, capacity), K)
+    decoder = SpecDecoder(models(family)["same"], models(family)[drafter],
+                          make_policy(policy_kind, capacity), K)
     out = decoder.generate(ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=list(eos),
                            pad_token_id=PAD)
     if not torch.equal(out.sequences, expected):
-        diff = (out.sequences != expected).nonzero()[:5].tolist() if out.sequences.shape == expected.shape else None
-        pytest.fail(f"mismatch: shapes {tuple(out.sequences.shape)} vs {tuple(expected.shape)}, first diffs {diff}")
+        diff = ((out.sequences != expected).nonzero()[:5].tolist()
+                if out.sequences.shape == expected.shape else None)
+        pytest.fail(f"mismatch: shapes {tuple(out.sequences.shape)} vs {tuple(expected.shape)}, "
+                    f"first diffs {diff}")
     return out
 
 
@@ -75,9 +79,10 @@ def check(family, drafter, policy_kind, capacity, K, batch, max_new, seed, early
          early_eos=False)
 @example(family="mistral", drafter="random", policy_kind="fifo", capacity=2, K=1, batch=1, budget="1", seed=2,
          early_eos=False)
-@example(family="gemma", drafter="noisy", policy_kind="grow", capacity=VOCAB, K=5, batch=4, budget="K", seed=3,
-         early_eos=True)
-def test_greedy_equals_target_generate(family, drafter, policy_kind, capacity, K, batch, budget, seed, early_eos):
+@example(family="gemma", drafter="noisy", policy_kind="grow", capacity=VOCAB, K=5, batch=4, budget="K",
+         seed=3, early_eos=True)
+def test_greedy_equals_target_generate(family, drafter, policy_kind, capacity, K, batch, budget, seed,
+                                       early_eos):
     max_new = {"1": 1, "K": K, "K+1": K + 1, "37": 37}[budget]
     check(family, drafter, policy_kind, capacity, K, batch, max_new, seed, early_eos)
 
@@ -131,7 +136,8 @@ def test_padded_or_smaller_drafter_vocabulary(drafter_vocab):
 def test_gather_head_mode_is_exact():
     target = models("qwen2")["same"]
     ids, mask, expected = reference("qwen2", 4, 1, 37, (EOS,))
-    decoder = SpecDecoder(target, models("qwen2")["noisy"], InContextPolicy(capacity=40), 4, head_mode="gather")
+    decoder = SpecDecoder(target, models("qwen2")["noisy"], InContextPolicy(capacity=40), 4,
+                          head_mode="gather")
     out = decoder.generate(ids, attention_mask=mask, max_new_tokens=37, eos_token_id=[EOS], pad_token_id=PAD)
     assert torch.equal(out.sequences, expected)
 
@@ -143,7 +149,8 @@ def test_decoder_is_reusable_and_leaves_models_untouched():
     assert drafter.get_output_embeddings() is head_before and target.get_output_embeddings() is not None
     for seed, batch in [(0, 4), (1, 1), (2, 4)]:
         ids, mask, expected = reference("llama", batch, seed, 37, (EOS,))
-        out = decoder.generate(ids, attention_mask=mask, max_new_tokens=37, eos_token_id=[EOS], pad_token_id=PAD)
+        out = decoder.generate(ids, attention_mask=mask, max_new_tokens=37, eos_token_id=[EOS],
+                               pad_token_id=PAD)
         assert torch.equal(out.sequences, expected)
 
 

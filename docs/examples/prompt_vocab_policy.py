@@ -30,7 +30,8 @@ class PromptVocabPolicy(VocabPolicy):
     def _publish(self):
         """Bitmap -> sorted ids in the first n slots, -1 after: no host sync, static shapes."""
         V, C = self.vocab_size, self.capacity
-        keys = torch.where(self.present, self.all_ids, V).sort(dim=1).values[:, :C]       # absent ids sort last
+        # absent ids sort last
+        keys = torch.where(self.present, self.all_ids, V).sort(dim=1).values[:, :C]
         self.active_ids.copy_(torch.where(keys < V, keys, -1))
         self.n_active.copy_((keys < V).sum(1))
 
@@ -38,5 +39,7 @@ class PromptVocabPolicy(VocabPolicy):
 if __name__ == "__main__":
     policy = PromptVocabPolicy(capacity=8)
     policy.setup(batch_size=2, vocab_size=50, special_ids=[0], device="cpu")
-    policy.on_prefill(torch.tensor([[7, 3, 7], [9, 9, 4]]), torch.tensor([[True, True, True], [False, True, True]]))
-    print(policy.active())   # row 0: [0, 3, 7], row 1: [0, 4, 9] (the padded 9 is ignored, the real one is not)
+    policy.on_prefill(torch.tensor([[7, 3, 7], [9, 9, 4]]),
+                      torch.tensor([[True, True, True], [False, True, True]]))
+    # row 0: [0, 3, 7], row 1: [0, 4, 9] (the padded 9 is ignored, the real one is not)
+    print(policy.active())

@@ -169,7 +169,8 @@ def token_features(model, kind: str = "lm-head") -> Tensor:
     if kind == "lm-head":
         head = model.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):
-            raise ValueError(f"{type(model).__name__} has no output head with a weight; use --features embedding")
+            raise ValueError(f"{type(model).__name__} has no output head with a weight; "
+                             "use --features embedding")
         w = head.weight
     elif kind == "embedding":
         w = model.get_input_embeddings().weight
@@ -253,7 +254,8 @@ def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_
             batch = []
     n = [h.shape[0] for h, _, _ in out]
     doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(n))[:positions]
-    return States(torch.cat([h for h, _, _ in out])[:positions], torch.cat([w for _, w, _ in out])[:positions],
+    return States(torch.cat([h for h, _, _ in out])[:positions],
+                  torch.cat([w for _, w, _ in out])[:positions],
                   [torch.tensor(p + r) for p, r in docs], doc, torch.cat([e for _, _, e in out])[:positions])
 
 
@@ -288,7 +290,8 @@ def window_targets(windows: Tensor, cluster_of: Tensor, k: int) -> Tensor:
 
 def train_classifier(hidden: Tensor, windows: Tensor, cluster_of: Tensor, k: int, *, hidden_units: int = 0,
                      loss: str = "softmax", epochs: int = 4, batch_size: int = 256, lr: float = 2e-3,
-                     weight_decay: float = 1e-4, seed: int = 0, device="cpu", progress=None) -> MetaClassifier:
+                     weight_decay: float = 1e-4, seed: int = 0, device="cpu",
+                     progress=None) -> MetaClassifier:
     """Fit a `MetaClassifier` hidden [N, D] -> k cluster logits on `window_targets` labels.
 
     loss "softmax": cross-entropy against the label set normalised to a distribution (the clusters compete
@@ -368,8 +371,8 @@ def fit_cluster_policy(features: Tensor, hidden: Tensor, windows: Tensor, *, num
     cluster_of = torch.full((V,), -1, dtype=torch.long)
     cluster_of[ids] = km.labels.cpu()
     bar = progress("classifier", epochs * math.ceil(hidden.shape[0] / 256)) if progress else None
-    clf = train_classifier(hidden, windows, cluster_of, k, hidden_units=hidden_units, loss=loss, epochs=epochs,
-                           seed=seed, device=device, progress=bar)
+    clf = train_classifier(hidden, windows, cluster_of, k, hidden_units=hidden_units, loss=loss,
+                           epochs=epochs, seed=seed, device=device, progress=bar)
     prior = torch.zeros(k, dtype=torch.float64).index_add_(0, km.labels.cpu(), counts[ids])
     meta = {"num_clustered": ids.numel(), "kmeans_inertia": f"{km.inertia:.6g}", "kmeans_iters": km.n_iter,
             "loss": loss, "seed": seed, **(metadata or {})}

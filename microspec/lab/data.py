@@ -2,8 +2,8 @@
 
 Why: a vocabulary policy is only as good as the share of real model output its active set covers, and that
 can be measured without any model: tokenize real prompt/response text with the target's own tokenizer and
-replay it through the policy (`microspec.lab.coverage`). Tokenizers ship in three formats and file names do not
-say which (Llama-3's `tokenizer.model` is tiktoken text, Llama-2's is a SentencePiece protobuf), so
+replay it through the policy (`microspec.lab.coverage`). Tokenizers ship in three formats and file names do
+not say which (Llama-3's `tokenizer.model` is tiktoken text, Llama-2's is a SentencePiece protobuf), so
 `load_tokenizer` sniffs the content. Text is always encoded without special tokens (no BOS): we measure the
 generated text, not the chat template.
 

@@ -6,7 +6,7 @@ that decides the speed-up is the mean accepted length tau of real decoding, and 
 `SpecDecoder` on a fixed, listed prompt subset, and its tau is reported per task next to the
 full-vocabulary drafter's tau on the same prompts: the fraction tau_policy / tau_full is what pruning costs.
 
-Per-row bookkeeping comes from `TracingRun`, a `DecodeRun` that also logs, at every decode step, each row's
+Per-row bookkeeping comes from `RowLog`, an engine observer that logs, at every decode step, each row's
 [live, accepted, committed, covered, active] counters (the engine keeps only batch totals and a histogram).
 From these logs come per-task statistics (pooled over the task's rows, the same formulas as `SpecStats`)
 and the acceptance traces: per prompt, the accepted-draft count of each real verification step, in order.

@@ -6,11 +6,12 @@
     incontext@C                InContextPolicy, LRU at capacity C
     incontext+core@C           ... plus a core of the C // 4 most frequent ids
     incontext+core<N>@C        ... plus a core of N ids
-    .../k<N>, .../s<N>         in-context suffixes: the target's top-N per position; N corpus successors per id
+    .../k<N>, .../s<N>         in-context suffixes: the target's top-N per position; N corpus successors
+                               per id
     cluster@C                  ClusterPolicy from a `microspec fit-clusters` file
 
-Frequencies and successors are counted over `microspec.lab.data.FITTING_CORPORA` with the model's own tokenizer and
-cached as safetensors.
+Frequencies and successors are counted over `microspec.lab.data.FITTING_CORPORA` with the model's own
+tokenizer and cached as safetensors.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from .data import FITTING_CORPORA
 
 
 def hf_tokenizer_adapter(tokenizer, name: str):
-    """A Hugging Face tokenizer behind `microspec.lab.data.Tokenizer`, so `microspec.lab.frequency` can count with
-    the model's own tokenizer (text encoded without special tokens)."""
+    """A Hugging Face tokenizer behind `microspec.lab.data.Tokenizer`, so `microspec.lab.frequency` can count
+    with the model's own tokenizer (text encoded without special tokens)."""
     from .data import Tokenizer
     eos = tokenizer.eos_token_id
     return Tokenizer(name, "hf", len(tokenizer), [] if eos is None else [int(eos)],
@@ -93,7 +94,8 @@ def label_options(label: str, topk: int) -> tuple[int, int]:
     parts = label.split("/")
     k, succ = topk, 0
     for part in parts[1:]:
-        if not label.startswith("incontext") or len(part) < 2 or part[0] not in "ks" or not part[1:].isdigit():
+        if (not label.startswith("incontext") or len(part) < 2 or part[0] not in "ks"
+                or not part[1:].isdigit()):
             raise ValueError(f"policy {label!r}: only in-context labels take /k<N> (top-k) and /s<N> "
                              "(successors) suffixes")
         if part[0] == "k":
@@ -104,8 +106,9 @@ def label_options(label: str, topk: int) -> tuple[int, int]:
 
 
 def corpus_successors(tokenizer, name: str, m: int, cache: Path | None = None) -> torch.Tensor:
-    """`microspec.lab.frequency.successor_table` over `FITTING_CORPORA` with the model's tokenizer -> int64 [V, m],
-    kept at `cache` (safetensors) and reused when its tokenizer name, vocabulary size and corpora match."""
+    """`microspec.lab.frequency.successor_table` over `FITTING_CORPORA` with the model's tokenizer ->
+    int64 [V, m], kept at `cache` (safetensors) and reused when its tokenizer name, vocabulary size and
+    corpora match."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from .data import fitting_texts

@@ -13,7 +13,7 @@ Invariants every policy keeps (checked by `microspec.testing.PolicyContract`):
   * padding slots hold -1, so a bug that reads one fails loudly instead of drafting token 0;
   * a slot that keeps its id keeps its position (slot-stable order, not sorted): the sparse head gathers
     only the rows whose slot changed, so re-sorting would force a full re-gather every step;
-  * the set changes only in `on_prefill` / `on_commit`, never while a draft block is being drafted;
+  * the set changes only in `on_prefill` / `on_block` / `on_commit`, never while a block is being drafted;
   * `on_commit` sees committed tokens only (never rejected drafts);
   * hook inputs are trusted: every id where the mask is True, and every top-k id, is in [0, vocab_size)
     (the decoder masks target-only ids of a larger target vocabulary before calling a hook);

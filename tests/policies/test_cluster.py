@@ -136,8 +136,10 @@ def test_without_hidden_states_frequency_or_prior_rules():
             expect = reference_clusters(policy, policy.prior, [2])
             assert sorted(before[0, :30].tolist()) == sorted(expect)
         else:                                                    # frequency order, then the context enters
-            assert sorted(before[0, :30].tolist()) == sorted(reference_tokens(policy, torch.zeros(9), set(), [2]))
-            assert sorted(after[0, :30].tolist()) == sorted(reference_tokens(policy, torch.zeros(9), {7}, [2]))
+            assert sorted(before[0, :30].tolist()) == sorted(
+                reference_tokens(policy, torch.zeros(9), set(), [2]))
+            assert sorted(after[0, :30].tolist()) == sorted(
+                reference_tokens(policy, torch.zeros(9), {7}, [2]))
             assert torch.equal(after[1], before[1])              # row 1's commit was masked out
 
 
@@ -168,7 +170,8 @@ def test_nan_hidden_still_gives_a_valid_set(fill):
     policy.setup(2, 97, [2, 5], "cpu")
     hidden = torch.full((2, 16), float("nan"))
     with no_host_sync():
-        policy.on_commit(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), hidden=hidden)
+        policy.on_commit(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool),
+                         hidden=hidden)
     ids, n = policy.active()
     for r in range(2):
         live = ids[r, : n[r]].tolist()
@@ -196,7 +199,8 @@ def test_save_and_load_round_trip(tmp_path):
     policy.save(path)
     loaded = ClusterPolicy.load(path, capacity=25)
     assert loaded.metadata == {"model": "tiny", "corpora": "a,b"}
-    assert (loaded.size_penalty, loaded.fill, loaded.context, loaded.freq_weight) == (0.3, "tokens", True, 0.5)
+    assert ((loaded.size_penalty, loaded.fill, loaded.context, loaded.freq_weight)
+            == (0.3, "tokens", True, 0.5))
     for name in ("members", "sizes", "counts", "core_ids", "prior"):
         assert torch.equal(getattr(loaded, name), getattr(policy, name)), name
     hidden, seen = torch.randn(3, 16), torch.rand(3, 97) < 0.1
@@ -245,7 +249,8 @@ class _Counting(ClusterPolicy):
     ("llama", "noisy", 40, 4, 4, True, "tokens"), ("qwen2", "same", 20, 5, 4, False, "tokens"),
     ("mistral", "noisy", 7, 3, 1, False, "clusters"), ("gemma", "same", VOCAB, 2, 4, True, "clusters"),
     ("llama", "same", 1, 3, 4, False, "tokens")])
-def test_greedy_decoding_with_cluster_policy_equals_target(family, drafter, capacity, K, batch, early_eos, fill):
+def test_greedy_decoding_with_cluster_policy_equals_target(family, drafter, capacity, K, batch, early_eos,
+                                                           fill):
     target = tiny_model(family, seed=0)
     draft = target if drafter == "same" else noisy_copy(target, 0.5)
     ids, mask = _prompts(batch, seed=K)
@@ -275,9 +280,10 @@ def test_cuda_graph_decoding_with_cluster_policy_equals_target():
     drafter = noisy_copy(target, 0.3).cuda()
     target = target.cuda()
     ids, mask = (t.cuda() for t in _prompts(4, seed=1))
-    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=[EOS],
-                               pad_token_id=PAD)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30,
+                               eos_token_id=[EOS], pad_token_id=PAD)
     decoder = SpecDecoder(target, drafter, policy, 3, cuda_graph=True)
     for _ in range(2):   # the second call replays the captured step on reused buffers
-        out = decoder.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[EOS], pad_token_id=PAD)
+        out = decoder.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[EOS],
+                               pad_token_id=PAD)
         assert torch.equal(out.sequences, expected)

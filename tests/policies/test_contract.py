@@ -57,5 +57,6 @@ class TestInContextCapacityOne(PolicyContract):
 
 class TestInContextWithSuccessors(PolicyContract):
     def make_policy(self):
-        succ = torch.randint(-1, self.vocab_size - 5, (self.vocab_size - 5, 3), generator=torch.Generator().manual_seed(0))
+        succ = torch.randint(-1, self.vocab_size - 5, (self.vocab_size - 5, 3),
+                             generator=torch.Generator().manual_seed(0))
         return InContextPolicy(capacity=16, topk=2, core_ids=torch.arange(40, 44), successors=succ)

@@ -20,7 +20,8 @@ def fresh(capacity, **kw):
 
 def commit(policy, ids, topk=None):
     ids = torch.tensor([ids])
-    policy.on_commit(ids, torch.ones_like(ids, dtype=torch.bool), None if topk is None else torch.tensor([topk]))
+    policy.on_commit(ids, torch.ones_like(ids, dtype=torch.bool),
+                     None if topk is None else torch.tensor([topk]))
 
 
 def test_prompt_newest_first_and_deduplicated():
@@ -112,7 +113,7 @@ def test_successors_enter_with_prompt_and_committed_ids():
     succ[9] = torch.tensor([90, 91])       # 9 only ever arrives masked out
     policy = fresh(16, topk=0, successors=succ)
     policy.on_prefill(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool))
-    assert live(policy) == [EOS, 6, 5, 50, 51]                     # newest position first, then its successors
+    assert live(policy) == [EOS, 6, 5, 50, 51]     # newest position first, then its successors
     policy.on_commit(torch.tensor([[7, 9]]), torch.tensor([[True, False]]))
     assert live(policy) == [EOS, 6, 5, 50, 51, 7, 70]
 

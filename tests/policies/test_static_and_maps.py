@@ -22,7 +22,8 @@ def test_top_capacity_by_count_sorted_with_eos_forced():
 
 def test_ties_go_to_the_lower_id_and_zero_counts_never_enter():
     assert ranked_ids_from_counts(torch.tensor([1, 0, 1, 2])).tolist() == [3, 0, 2]
-    assert active(StaticFrequencyPolicy.from_counts(torch.tensor([0, 0, 5] + [0] * 47), capacity=10)) == [2, 3]
+    policy = StaticFrequencyPolicy.from_counts(torch.tensor([0, 0, 5] + [0] * 47), capacity=10)
+    assert active(policy) == [2, 3]
 
 
 def test_duplicates_keep_their_best_rank():

@@ -1,0 +1,376 @@
+"""Real end-to-end speed: real weights, a trained EAGLE head, held-out prompts, every method in one run.
+
+Two steps, so the GPU machine needs neither the shared data folder nor the tokenizers' corpora:
+
+    python benchmarks/real_e2e.py prepare --model smollm2 --name smollm2            # CPU, writes inputs
+    python benchmarks/real_e2e.py prepare --model /path/gemma-3-270m-q4_k_m.gguf --name gemma3-270m
+    python benchmarks/real_e2e.py run --model GGUF --name smollm2 --eagle checkpoints/eagle-smollm2 \\
+        --batch 1 8 --modes greedy sample                                            # H200
+
+`prepare` writes benchmarks/real_e2e/<name>.pt: the held-out prompts (`PROMPTS`: Spec-Bench categories,
+MT-bench, HumanEval, GSM8K test; none is used to train a head or fit a frequency list) encoded with the
+model's own tokenizer (chat template when the model has one; a plain "text\\n\\n" prompt for base models),
+and the frequency ranking of the fitting corpora (`microspec.lab.policy_labels.frequency_ranking`) for the
+FR-Spec lists. `run` decodes every prompt with every method and prints one table; the JSON result holds
+per-task and pooled figures, the command, the device and the date.
+
+Methods (`METHODS`): Hugging Face `generate` with a static cache; plain decoding on microspec's backend
+(the baseline); EAGLE-2 (the trained head, dense LM head, dynamic tree); FR-Spec (static lists of 32k and
+8k ids, same tree); MicroSpec's recipe (prompt ∪ target top-3 ∪ tree ids, no core, grow-only to 3,072);
+and microspec's own policy. Figures: decode tokens/s after warm-up (CUDA-graph capture excluded), speed-up
+over plain and over EAGLE-2, accepted length, draft / verify / policy-update time per step (graph replays
+of the same run's parts), mean active rows, coverage, and for greedy whether each row equals plain greedy
+decoding (with the target's top-2 gap at any divergence: bf16 near-ties).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import copy_bandwidth, environment, run_stamp, save, time_us_rotating  # noqa: E402
+
+INPUTS = Path(__file__).parent / "real_e2e"
+# task -> (file under the shared data folder, question ids): held out from every fitting and training set.
+PROMPTS = {
+    "mt_bench": ("mt_bench/question.jsonl", (82, 91, 101, 121)),
+    "translation": ("spec_bench/question.jsonl", (161, 162, 163, 164)),
+    "summarization": ("spec_bench/question.jsonl", (268, 275, 277, 280)),
+    "qa": ("spec_bench/question.jsonl", (321, 322, 323, 324)),
+    "math_reasoning": ("spec_bench/question.jsonl", (401, 402, 403, 404)),
+    "rag": ("spec_bench/question.jsonl", (503, 531, 553, 560)),
+    "humaneval": ("eagle_bench/humaneval.question.jsonl", (0, 1, 2, 3)),
+    "gsm8k": ("eagle_bench/gsm8k.question.jsonl", (0, 1, 2, 3)),
+}
+METHODS = ("hf", "plain", "eagle2", "frspec32k", "frspec8k", "microspec", "ours")
+MAX_PROMPT = 768     # tokens: long Spec-Bench articles are cut from the left (the question stays at the end)
+
+
+# ---------------------------------------------------------------------------------------------- prepare (CPU)
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """The model's chat template when it has one, else a plain base-model prompt; at most MAX_PROMPT ids."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(text + "\n\n", add_special_tokens=True)["input_ids"]
+    return list(ids)[-MAX_PROMPT:]
+
+
+def prepare(args) -> None:
+    import json
+
+    from microspec.lab.policy_labels import frequency_ranking
+    from microspec.models import load_model
+    from microspec.paths import cache_dir, shared_data_dir
+    _, tokenizer = load_model(args.model, torch.float32, "cpu")
+    root = shared_data_dir()
+    tasks, rows, qids = [], [], []
+    for task, (rel, ids) in PROMPTS.items():
+        records = {json.loads(line)["question_id"]: json.loads(line) for line in open(root / rel)}
+        for qid in ids[: args.per_task]:
+            tasks.append(task)
+            qids.append(qid)
+            rows.append(encode_prompt(tokenizer, records[qid]["turns"][0]))
+    ranking, meta = frequency_ranking(tokenizer, args.name, cache_dir() / "eval" / f"freq_{args.name}.safetensors")
+    eos = sorted({int(e) for e in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    INPUTS.mkdir(exist_ok=True)
+    path = INPUTS / f"{args.name}.pt"
+    torch.save({"tasks": tasks, "question_ids": qids, "rows": rows, "ranking": ranking.to(torch.int32),
+                "eos": eos, "pad": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]),
+                "source": {t: PROMPTS[t][0] for t in PROMPTS}, "frequency": {k: str(v) for k, v in meta.items()
+                                                                          if k != "cache"}}, path)
+    print(f"wrote {path}: {len(rows)} prompts, lengths {min(map(len, rows))}..{max(map(len, rows))}, "
+          f"ranking over {len(ranking)} ids")
+
+
+# ---------------------------------------------------------------------------------------------- run (GPU)
+def make_policy(method: str, ranking: torch.Tensor):
+    from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
+    if method == "eagle2":
+        return FullVocab()
+    if method.startswith("frspec"):
+        return StaticFrequencyPolicy(ranking.long(), {"frspec32k": 32768, "frspec8k": 8192}[method])
+    if method == "microspec":       # MicroSpec/NanoSpec: prompt ∪ top-3 ∪ tree ids, no core, grow-only
+        return InContextPolicy(capacity=3072, topk=3, eviction=None, tree_ids=True)
+    if method == "ours":            # in-context with a frequency core, the target's top-10, LRU
+        return InContextPolicy(capacity=2048, topk=10, eviction="lru", core_ids=ranking[:512].long(),
+                               tree_ids=True)
+    raise ValueError(method)
+
+
+def batches(rows, tasks, B):
+    for i in range(0, len(rows), B):
+        yield list(range(i, min(i + B, len(rows))))
+
+
+def cuda_time(fn) -> tuple[float, object]:
+    """(seconds, fn()) timed with CUDA events (wall clock on a CPU, where timings mean nothing)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, out
+
+
+def run_spec(dec, ids, mask, new, do_sample, eos, pad, seed):
+    """One batch: (sequences, SpecStats, decode tokens, decode seconds after the graph capture, run)."""
+    gens = torch.Generator(device=ids.device).manual_seed(seed) if do_sample else None
+    run, input_ids, pad_id = dec.new_run(ids, mask, new, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
+                                         generator=gens)
+    run.start()
+    if new > 1 and run.cuda_graph:
+        run.capture()
+    tokens0 = int(run.generated.sum())
+    seconds, _ = cuda_time(run.run_steps)
+    return run.sequences(input_ids, pad_id), run.summary(), int(run.generated.sum()) - tokens0, seconds, run
+
+
+def part_times(dec, run) -> dict:
+    """Draft (head refresh + proposer) and policy-update microseconds per step, from graph replays on the
+    finished run's state; the rest of a step (target forward, verification, commit) is step - both."""
+    from microspec.drafting.base import DraftRequest
+    ids, n_act = dec.policy.active()
+    req = DraftRequest(run.tokens, run.n, ids, n_act, run.cfg, getattr(run, "draft_noise", None))
+
+    def draft():
+        dec.head.refresh()
+        dec.proposer.propose(req)
+    out = {"draft_us": time_us_rotating([draft], calls=8, reps=5)}
+    k, M = dec.policy.target_topk, run.N + 1
+    tokens = torch.randint(0, dec.vocab_size, (run.B, M), device=run.device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    topk = torch.randint(0, dec.vocab_size, (run.B, M, k), device=run.device) if k else None
+    saved = [t.clone() for t in (ids, n_act)]
+    out["policy_us"] = time_us_rotating([lambda: dec.policy.on_commit(tokens, mask, topk)], calls=8, reps=5)
+    ids.copy_(saved[0]), n_act.copy_(saved[1])
+    return out
+
+
+def mismatch_gap(model, prompt_row, expected, got):
+    """Top-2 logit gap of the target where `got` first leaves `expected` (None when equal)."""
+    diff = (expected != got).nonzero()
+    if not diff.numel():
+        return None
+    j = int(diff[0])
+    ctx = torch.tensor([prompt_row + expected[:j].tolist()], device=expected.device)
+    with torch.inference_mode():
+        logits = model(input_ids=ctx).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def run(args) -> None:
+    from microspec import SpecDecoder
+    from microspec.baseline import PlainDecoder
+    from microspec.drafting.eagle import EagleDrafter
+    from microspec.drafting.tree import TreeSpec
+    from microspec.models import load_gguf
+    from microspec.prompts import left_pad
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    data = torch.load(INPUTS / f"{args.name}.pt")
+    rows, tasks, ranking, eos, pad = data["rows"], data["tasks"], data["ranking"], data["eos"], data["pad"]
+    if args.per_task:   # the first N prompts of every task
+        keep = [i for i, t in enumerate(tasks) if tasks[: i].count(t) < args.per_task]
+        rows, tasks = [rows[i] for i in keep], [tasks[i] for i in keep]
+    if args.limit:
+        rows, tasks = rows[: args.limit], tasks[: args.limit]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target, _ = load_gguf(args.model, dtype, device)
+    eagle = EagleDrafter.from_pretrained(args.eagle, target) if args.eagle else None
+    tree = None if args.chain else TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens)
+    bw = copy_bandwidth() if device == "cuda" else float("nan")
+    params = sum(p.numel() for p in target.parameters() if p.data_ptr() != target.get_input_embeddings().weight.data_ptr()
+                 or target.config.tie_word_embeddings)
+    result = {"env": environment(), "command": " ".join(sys.argv), "name": args.name, "dtype": args.dtype,
+              "copy_bandwidth_Bps": bw, "floor_us_per_token": params * dtype.itemsize / bw * 1e6,
+              "tree": None if tree is None else str(tree), "K": args.K, "rows": []}
+    plain_out = {}
+    methods = [m for m in args.methods if m in METHODS]
+    decoders = {}
+    for method in methods:
+        if method in ("hf", "plain"):
+            continue
+        if eagle is None:
+            raise SystemExit(f"{method} needs --eagle")
+        decoders[method] = SpecDecoder(target, eagle, make_policy(method, ranking), args.K, tree=tree,
+                                       compile=not args.no_compile)
+    plain = PlainDecoder(target, compile=not args.no_compile)
+    for B in args.batch:
+        for mode in args.modes:
+            do_sample = mode == "sample"
+            for method in methods:
+                if method == "hf" and (do_sample or B > 1 and args.hf_b1_only):
+                    continue
+                per_task: dict = {}
+                t_method = time.perf_counter()
+                for bi, idx in enumerate(batches(rows, tasks, B)):
+                    if method == "hf" and args.hf_limit and idx[0] >= args.hf_limit:
+                        break       # transformers compiles its static-cache step again for every length
+                    ids, mask = left_pad([rows[i] for i in idx], pad, device)
+                    entry = {"tokens": 0, "seconds": 0.0}
+                    if method == "hf":
+                        kw = dict(max_new_tokens=args.new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                                  cache_implementation="static")
+                        target.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 8})  # warm-up
+                        short, _ = cuda_time(lambda: target.generate(ids, attention_mask=mask, **{**kw,
+                                                                                     "max_new_tokens": 2}))
+                        seconds, seqs = cuda_time(lambda: target.generate(ids, attention_mask=mask, **kw))
+                        new = (seqs[:, ids.shape[1]:] != pad).sum().item()
+                        entry.update(tokens=new - 2 * len(idx), seconds=seconds - short)
+                    elif method == "plain":
+                        def go():
+                            return plain.generate(ids, mask, max_new_tokens=args.new, eos_token_id=eos,
+                                                  pad_token_id=pad)
+                        if bi == 0:   # first batch of a shape: compile + capture warm-up, then timed
+                            go()
+                        secs, seqs = cuda_time(go)
+                        toks, secs = plain.steady_state or (int(plain.generated.sum()), secs)
+                        entry.update(tokens=toks, seconds=secs)
+                        if not do_sample:
+                            for j, i in enumerate(idx):
+                                plain_out[(B, i)] = seqs[j, ids.shape[1]:]
+                    else:
+                        dec = decoders[method]
+                        if bi == 0:
+                            run_spec(dec, ids, mask, args.new, do_sample, eos, pad, args.seed)   # warm-up
+                        seqs, stats, toks, secs, r = run_spec(dec, ids, mask, args.new, do_sample, eos, pad,
+                                                              args.seed + bi)
+                        entry.update(tokens=toks, seconds=secs, steps=stats.num_verify_steps,
+                                     row_steps=stats.num_row_steps, accepted_length=stats.mean_accepted_length,
+                                     active=stats.mean_active_size, coverage=stats.coverage)
+                        if bi == 0:
+                            entry.update(part_times(dec, r))
+                        if not do_sample and plain_out:
+                            gaps = []
+                            for j, i in enumerate(idx):
+                                ref = plain_out.get((B, i))
+                                if ref is None:
+                                    continue
+                                got = seqs[j, ids.shape[1]:]
+                                n = min(len(ref), len(got))
+                                gap = mismatch_gap(target, rows[i], ref[:n], got[:n])
+                                if gap is not None:
+                                    gaps.append(gap)
+                            entry.update(equal_rows=len(idx) - len(gaps), compared_rows=len(idx), tie_gaps=gaps)
+                    for i in idx:
+                        per_task.setdefault(tasks[i], []).append(entry if i == idx[0] else None)
+                    per_task.setdefault("_batches", []).append({**entry, "tasks": sorted({tasks[i] for i in idx})})
+                row = summarize(method, B, mode, per_task["_batches"])
+                row["wall_s"] = time.perf_counter() - t_method
+                result["rows"].append(row)
+                print(fmt(row), flush=True)
+                save(f"real_e2e_{args.name}", result, args.out, args.stamp)
+    add_speedups(result["rows"])
+    print(table(result["rows"]))
+    save(f"real_e2e_{args.name}", result, args.out, args.stamp)
+
+
+def summarize(method, B, mode, entries) -> dict:
+    toks = sum(e["tokens"] for e in entries)
+    secs = sum(e["seconds"] for e in entries)
+    row = {"method": method, "batch": B, "mode": mode, "tok_s": toks / secs if secs else 0.0, "tokens": toks,
+           "seconds": secs, "batches": entries}
+    spec = [e for e in entries if "row_steps" in e]
+    if spec:
+        rs = sum(e["row_steps"] for e in spec)
+        row["accepted_length"] = sum(e["accepted_length"] * e["row_steps"] for e in spec) / max(rs, 1)
+        row["active"] = sum(e["active"] * e["row_steps"] for e in spec) / max(rs, 1)
+        row["coverage"] = sum(e["coverage"] * e["row_steps"] for e in spec) / max(rs, 1)
+        steps = sum(e["steps"] for e in spec)
+        row["step_us"] = secs / max(steps, 1) * 1e6
+        first = spec[0]
+        for key in ("draft_us", "policy_us"):
+            if key in first:
+                row[key] = first[key]
+        if "draft_us" in row:
+            row["verify_us"] = row["step_us"] - row["draft_us"] - row.get("policy_us", 0.0)
+        if any("compared_rows" in e for e in spec):
+            row["equal_rows"] = sum(e.get("equal_rows", 0) for e in spec)
+            row["compared_rows"] = sum(e.get("compared_rows", 0) for e in spec)
+            row["tie_gaps"] = [g for e in spec for g in e.get("tie_gaps", [])]
+    return row
+
+
+def add_speedups(rows) -> None:
+    base = {(r["batch"], r["mode"]): r["tok_s"] for r in rows if r["method"] == "plain"}
+    eagle = {(r["batch"], r["mode"]): r["tok_s"] for r in rows if r["method"] == "eagle2"}
+    for r in rows:
+        key = (r["batch"], r["mode"])
+        if base.get(key):
+            r["x_plain"] = r["tok_s"] / base[key]
+        if eagle.get(key):
+            r["x_eagle2"] = r["tok_s"] / eagle[key]
+
+
+def fmt(r) -> str:
+    eq = f"{r['equal_rows']}/{r['compared_rows']}" if "compared_rows" in r else "-"
+    return (f"{r['method']:<10} B={r['batch']} {r['mode']:<6} {r['tok_s']:9.1f} tok/s  "
+            f"tau {r.get('accepted_length', float('nan')):5.2f}  step {r.get('step_us', float('nan')):7.1f} us  "
+            f"draft {r.get('draft_us', float('nan')):7.1f}  policy {r.get('policy_us', float('nan')):6.1f}  "
+            f"active {r.get('active', float('nan')):8.0f}  cov {r.get('coverage', float('nan')):.3f}  == {eq}")
+
+
+def table(rows) -> str:
+    head = ("| method | B | mode | tok/s | × plain | × EAGLE-2 | τ | step µs | draft µs | verify µs | policy µs "
+            "| active | coverage | == plain |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+
+    def f(r, k, spec="{:.2f}"):
+        return spec.format(r[k]) if k in r else "–"
+    body = "".join(
+        f"| {r['method']} | {r['batch']} | {r['mode']} | {r['tok_s']:.0f} | {f(r, 'x_plain')} | {f(r, 'x_eagle2')} | "
+        f"{f(r, 'accepted_length')} | {f(r, 'step_us', '{:.0f}')} | {f(r, 'draft_us', '{:.0f}')} | "
+        f"{f(r, 'verify_us', '{:.0f}')} | {f(r, 'policy_us', '{:.1f}')} | {f(r, 'active', '{:.0f}')} | "
+        f"{f(r, 'coverage', '{:.3f}')} | "
+        f"{(str(r['equal_rows']) + '/' + str(r['compared_rows'])) if 'compared_rows' in r else '–'} |\n"
+        for r in rows)
+    return head + body
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare")
+    pp.add_argument("--model", required=True)
+    pp.add_argument("--name", required=True)
+    pp.add_argument("--per-task", type=int, default=4)
+    pr = sub.add_parser("run")
+    pr.add_argument("--model", required=True, help="the GGUF file of the target")
+    pr.add_argument("--name", required=True)
+    pr.add_argument("--eagle", default=None, help="a trained EAGLE head (microspec train-drafter output)")
+    pr.add_argument("--methods", nargs="+", default=list(METHODS))
+    pr.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    pr.add_argument("--modes", nargs="+", default=["greedy", "sample"], choices=["greedy", "sample"])
+    pr.add_argument("--new", type=int, default=128, help="new tokens per prompt")
+    pr.add_argument("-K", type=int, default=5)
+    pr.add_argument("--top-k", type=int, default=10)
+    pr.add_argument("--depth", type=int, default=6)
+    pr.add_argument("--total-tokens", type=int, default=60)
+    pr.add_argument("--chain", action="store_true", help="chain drafting of -K tokens instead of the tree")
+    pr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--no-compile", action="store_true")
+    pr.add_argument("--hf-b1-only", action="store_true", help="time HF generate at batch 1 only")
+    pr.add_argument("--hf-limit", type=int, default=0, help="time HF generate on the first N prompts only")
+    pr.add_argument("--per-task", type=int, default=0, help="the first N prompts of each task (default: all)")
+    pr.add_argument("--limit", type=int, default=0, help="first N prompts only (CPU smoke runs)")
+    pr.add_argument("--out", type=Path, default=None)
+    pr.add_argument("--stamp", default=run_stamp())
+    args = p.parse_args(argv)
+    prepare(args) if args.cmd == "prepare" else run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
