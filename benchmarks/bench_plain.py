@@ -39,7 +39,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copies_beyond_l2, copy_bandwidth, environment, run_stamp, save, time_us_rotating
-from benchmarks.shapes import SHAPES
+from benchmarks.shapes import SHAPES, build_spec
 from microspec.baseline import PlainDecoder
 from microspec.models.select import make_backend
 
@@ -70,22 +70,6 @@ SMOKE_SHAPES = {   # tiny stand-ins of each family for CPU runs of this script
 METHODS = ("hf-generate", "plain", "lean-eager", "lean", "plain-lean")
 EXTRA_METHODS = ("plain-compile",)     # PlainDecoder(compile=True): one more HF compile per shape and batch
 CUDA = torch.cuda.is_available()
-
-
-def build(spec, device, dtype, seed: int = 0) -> torch.nn.Module:
-    """A model of the given shape with random weights (Hugging Face's init), built on `device`."""
-    config_cls, model_cls, kwargs = spec
-    config = config_cls(**{"max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
-                           "pad_token_id": 0, **kwargs}, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -283,7 +267,7 @@ def main(argv=None) -> int:
 
     for name, spec in shapes.items():
         t_build = time.perf_counter()
-        model = build(spec, device, dtype)
+        model = build_spec(spec, device, dtype)
         layers = model.config.num_hidden_layers
         nbytes = weight_bytes(model)
         floor = nbytes / bandwidth

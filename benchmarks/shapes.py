@@ -53,9 +53,15 @@ PAIRS = {  # target -> drafters benchmarked with it
 
 def build(name: str, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> torch.nn.Module:
     """A model of the named shape with random weights (std 0.02, Hugging Face's init), built on `device`."""
-    config_cls, model_cls, kwargs = SHAPES[name]
-    config = config_cls(**kwargs, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0, attn_implementation="sdpa")
+    return build_spec(SHAPES[name], device, dtype, seed)
+
+
+def build_spec(spec, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> torch.nn.Module:
+    """A model of shape `spec` = (config class, model class, config kwargs) with random weights, on `device`
+    (the kwargs may override the defaults: context 8192, bos 1, eos 2, pad 0)."""
+    config_cls, model_cls, kwargs = spec
+    config = config_cls(**{"max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
+                           "pad_token_id": 0, **kwargs}, attn_implementation="sdpa")
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

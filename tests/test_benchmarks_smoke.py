@@ -1,21 +1,27 @@
 """The benchmark entry points run (on the CPU with tiny shapes, once): they stay runnable for the GPU runs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pytest_benchmark_files_run_once_on_cpu():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--benchmark-disable", "-p", "no:cacheprovider",
-                             str(ROOT / "benchmarks")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--benchmark-disable",
+                             "-p", "no:cacheprovider", str(ROOT / "benchmarks")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
 def test_e2e_script_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--batch", "1",
-                             "--policies", "dense,incontext@64"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke",
+                             "--batch", "1", "--policies", "dense,incontext@64"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "spec:incontext@64" in result.stdout
 
@@ -26,10 +32,44 @@ def test_e2e_script_replays_eval_traces(tmp_path):
     traces = tmp_path / "acceptance.json"
     traces.write_text(json.dumps({"source": "smoke", "K": 5,
                                   "traces": {"full": [5, 4, 0, 2], "incontext+core16@64/k5": [1, 0, 3]}}))
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--batch", "2",
-                             "--policies", "dense,incontext+core16@64/k5,static@64", "--acceptance", str(traces)],
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke",
+                             "--batch", "2", "--policies", "dense,incontext+core16@64/k5,static@64",
+                             "--acceptance", str(traces)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "replayed from acceptance.json: smoke" in result.stdout
     assert "spec:dense" in result.stdout and "spec:incontext+core16@64/k5" in result.stdout
     assert "no trace for static@64: skipped" in result.stdout
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_e2e_run_smoke(tmp_path):
+    """`real_e2e.py run` on the real SmolLM2 weights with a random EAGLE head (float32, greedy, one prompt):
+    every method writes a row, and the speculative rows equal plain greedy decoding."""
+    from microspec.drafting.eagle import EagleDrafter
+    from microspec.models import find_smollm2, load_gguf
+    weights = find_smollm2(download=False)
+    if weights is None:
+        pytest.skip("SmolLM2 weights not found")
+    if not (ROOT / "benchmarks" / "real_e2e" / "smollm2.pt").is_file():
+        pytest.skip("no prepared prompts (benchmarks/real_e2e.py prepare --model smollm2 --name smollm2)")
+    target, _ = load_gguf(weights, torch.float32)
+    EagleDrafter.from_target(target, seed=0).save_pretrained(tmp_path / "eagle")
+    del target
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}    # a busy shared CPU: 2 spinning threads run ~30x slower
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_e2e.py"), "run",
+                             "--model", str(weights), "--name", "smollm2", "--eagle", str(tmp_path / "eagle"),
+                             "--limit", "1", "--batch", "1", "--modes", "greedy", "--new", "4",
+                             "--methods", "plain", "eagle2", "microspec",
+                             "--dtype", "float32", "--no-compile",
+                             "--top-k", "3", "--depth", "3", "--total-tokens", "8", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    (path,) = tmp_path.glob("real_e2e_smollm2_*.json")
+    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"plain", "eagle2", "microspec"}
+    for method in ("eagle2", "microspec"):
+        assert rows[method]["compared_rows"] == 1, rows[method]
+        assert rows[method]["equal_rows"] == rows[method]["compared_rows"], rows[method]["tie_gaps"]
+    assert "| microspec | 1 | greedy |" in result.stdout

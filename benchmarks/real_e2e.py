@@ -12,7 +12,8 @@ MT-bench, HumanEval, GSM8K test; none is used to train a head or fit a frequency
 model's own tokenizer (chat template when the model has one; a plain "text\\n\\n" prompt for base models),
 and the frequency ranking of the fitting corpora (`microspec.lab.policy_labels.frequency_ranking`) for the
 FR-Spec lists. `run` decodes every prompt with every method and prints one table; the JSON result holds
-per-task and pooled figures, the command, the device and the date.
+pooled figures per method, batch size and mode, with per-batch entries (each with its batch's tasks), the
+command, the device and the date.
 
 Methods (`METHODS`): Hugging Face `generate` with a static cache; plain decoding on microspec's backend
 (the baseline); EAGLE-2 (the trained head, dense LM head, dynamic tree); FR-Spec (static lists of 32k and
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,14 +79,15 @@ def prepare(args) -> None:
             tasks.append(task)
             qids.append(qid)
             rows.append(encode_prompt(tokenizer, records[qid]["turns"][0]))
-    ranking, meta = frequency_ranking(tokenizer, args.name, cache_dir() / "eval" / f"freq_{args.name}.safetensors")
+    ranking, meta = frequency_ranking(tokenizer, args.name,
+                                      cache_dir() / "eval" / f"freq_{args.name}.safetensors")
     eos = sorted({int(e) for e in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     INPUTS.mkdir(exist_ok=True)
     path = INPUTS / f"{args.name}.pt"
     torch.save({"tasks": tasks, "question_ids": qids, "rows": rows, "ranking": ranking.to(torch.int32),
-                "eos": eos, "pad": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]),
-                "source": {t: PROMPTS[t][0] for t in PROMPTS}, "frequency": {k: str(v) for k, v in meta.items()
-                                                                          if k != "cache"}}, path)
+                "eos": eos, "pad": int(pad), "source": {t: PROMPTS[t][0] for t in PROMPTS},
+                "frequency": {k: str(v) for k, v in meta.items() if k != "cache"}}, path)
     print(f"wrote {path}: {len(rows)} prompts, lengths {min(map(len, rows))}..{max(map(len, rows))}, "
           f"ranking over {len(ranking)} ids")
 
@@ -104,9 +107,10 @@ def make_policy(method: str, ranking: torch.Tensor):
     raise ValueError(method)
 
 
-def batches(rows, tasks, B):
-    for i in range(0, len(rows), B):
-        yield list(range(i, min(i + B, len(rows))))
+def batches(n: int, B: int):
+    """Prompt indices [0, n) in consecutive batches of (at most) B."""
+    for i in range(0, n, B):
+        yield list(range(i, min(i + B, n)))
 
 
 def cuda_time(fn) -> tuple[float, object]:
@@ -127,8 +131,8 @@ def cuda_time(fn) -> tuple[float, object]:
 def run_spec(dec, ids, mask, new, do_sample, eos, pad, seed):
     """One batch: (sequences, SpecStats, decode tokens, decode seconds after the graph capture, run)."""
     gens = torch.Generator(device=ids.device).manual_seed(seed) if do_sample else None
-    run, input_ids, pad_id = dec.new_run(ids, mask, new, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
-                                         generator=gens)
+    run, input_ids, pad_id = dec.new_run(ids, mask, new, do_sample=do_sample, eos_token_id=eos,
+                                         pad_token_id=pad, generator=gens)
     run.start()
     if new > 1 and run.cuda_graph:
         run.capture()
@@ -171,33 +175,54 @@ def mismatch_gap(model, prompt_row, expected, got):
     return float(top[0] - top[1])
 
 
-def run(args) -> None:
-    from microspec import SpecDecoder
-    from microspec.baseline import PlainDecoder
-    from microspec.drafting.eagle import EagleDrafter
-    from microspec.drafting.tree import TreeSpec
-    from microspec.models import load_gguf
-    from microspec.prompts import left_pad
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+@dataclass
+class Bench:
+    """What every timed method shares: the target, the prompts, the decoders and plain greedy's outputs."""
+    args: argparse.Namespace
+    target: torch.nn.Module
+    rows: list                      # prompt ids, one list per prompt
+    tasks: list                     # the task of each prompt
+    eos: list
+    pad: int
+    device: str
+    plain: object                   # microspec.baseline.PlainDecoder
+    decoders: dict                  # speculative method -> SpecDecoder
+    plain_out: dict = field(default_factory=dict)   # (B, prompt index) -> plain greedy's new tokens
+
+
+def load_inputs(args) -> tuple[list, list, torch.Tensor, list, int]:
+    """`prepare`'s prompts (the first --per-task of every task, then the first --limit), their tasks, the
+    frequency ranking, the eos ids and the pad id."""
     data = torch.load(INPUTS / f"{args.name}.pt")
-    rows, tasks, ranking, eos, pad = data["rows"], data["tasks"], data["ranking"], data["eos"], data["pad"]
+    rows, tasks = data["rows"], data["tasks"]
     if args.per_task:   # the first N prompts of every task
         keep = [i for i, t in enumerate(tasks) if tasks[: i].count(t) < args.per_task]
         rows, tasks = [rows[i] for i in keep], [tasks[i] for i in keep]
     if args.limit:
         rows, tasks = rows[: args.limit], tasks[: args.limit]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    target, _ = load_gguf(args.model, dtype, device)
-    eagle = EagleDrafter.from_pretrained(args.eagle, target) if args.eagle else None
-    tree = None if args.chain else TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens)
+    return rows, tasks, data["ranking"], data["eos"], data["pad"]
+
+
+def weight_params(target) -> int:
+    """Parameters a decode step reads: all but the input embedding (unless it is tied to the head)."""
+    emb = target.get_input_embeddings().weight.data_ptr()
+    tied = target.config.tie_word_embeddings
+    return sum(p.numel() for p in target.parameters() if p.data_ptr() != emb or tied)
+
+
+def result_header(args, target, dtype: torch.dtype, tree, device: str) -> dict:
+    """The JSON result before any row: environment, command, the device's copy bandwidth and the floor it
+    puts on a decode step (every weight read once), the tree and K."""
     bw = copy_bandwidth() if device == "cuda" else float("nan")
-    params = sum(p.numel() for p in target.parameters() if p.data_ptr() != target.get_input_embeddings().weight.data_ptr()
-                 or target.config.tie_word_embeddings)
-    result = {"env": environment(), "command": " ".join(sys.argv), "name": args.name, "dtype": args.dtype,
-              "copy_bandwidth_Bps": bw, "floor_us_per_token": params * dtype.itemsize / bw * 1e6,
-              "tree": None if tree is None else str(tree), "K": args.K, "rows": []}
-    plain_out = {}
-    methods = [m for m in args.methods if m in METHODS]
+    floor = weight_params(target) * dtype.itemsize / bw * 1e6
+    return {"env": environment(), "command": " ".join(sys.argv), "name": args.name, "dtype": args.dtype,
+            "copy_bandwidth_Bps": bw, "floor_us_per_token": floor,
+            "tree": None if tree is None else str(tree), "K": args.K, "rows": []}
+
+
+def build_decoders(methods, target, eagle, ranking, tree, args) -> dict:
+    """One SpecDecoder per speculative method (every method but hf and plain), all on the same EAGLE head."""
+    from microspec import SpecDecoder
     decoders = {}
     for method in methods:
         if method in ("hf", "plain"):
@@ -206,69 +231,128 @@ def run(args) -> None:
             raise SystemExit(f"{method} needs --eagle")
         decoders[method] = SpecDecoder(target, eagle, make_policy(method, ranking), args.K, tree=tree,
                                        compile=not args.no_compile)
+    return decoders
+
+
+def time_hf(bench: Bench, ids, mask) -> dict:
+    """Hugging Face `generate` (greedy, static cache): warm-up, then decode tokens and seconds net of a
+    2-token run (prefill and the first token)."""
+    kw = dict(max_new_tokens=bench.args.new, do_sample=False, eos_token_id=bench.eos, pad_token_id=bench.pad,
+              cache_implementation="static")
+
+    def generate(**over):
+        return bench.target.generate(ids, attention_mask=mask, **{**kw, **over})
+    generate(max_new_tokens=8)                                      # warm-up
+    short, _ = cuda_time(lambda: generate(max_new_tokens=2))
+    seconds, seqs = cuda_time(generate)
+    new = (seqs[:, ids.shape[1]:] != bench.pad).sum().item()
+    return {"tokens": new - 2 * len(ids), "seconds": seconds - short}
+
+
+def time_plain(bench: Bench, ids, mask, warm_up: bool) -> tuple[dict, torch.Tensor]:
+    """Plain decoding on microspec's backend: (entry, sequences); steady-state tokens and seconds when the
+    decoder reports them (capture excluded)."""
+    def go():
+        return bench.plain.generate(ids, mask, max_new_tokens=bench.args.new, eos_token_id=bench.eos,
+                                    pad_token_id=bench.pad)
+    if warm_up:     # first batch of a shape: compile + capture warm-up, then timed
+        go()
+    secs, seqs = cuda_time(go)
+    toks, secs = bench.plain.steady_state or (int(bench.plain.generated.sum()), secs)
+    return {"tokens": toks, "seconds": secs}, seqs
+
+
+def time_spec(bench: Bench, method: str, ids, mask, do_sample: bool, bi: int) -> tuple[dict, torch.Tensor]:
+    """One speculative method on batch `bi`: (entry, sequences). The first batch is run once untimed
+    (warm-up) and adds the draft / policy-update part times."""
+    args, dec = bench.args, bench.decoders[method]
+    if bi == 0:
+        run_spec(dec, ids, mask, args.new, do_sample, bench.eos, bench.pad, args.seed)   # warm-up
+    seqs, stats, toks, secs, r = run_spec(dec, ids, mask, args.new, do_sample, bench.eos, bench.pad,
+                                          args.seed + bi)
+    entry = {"tokens": toks, "seconds": secs, "steps": stats.num_verify_steps,
+             "row_steps": stats.num_row_steps, "accepted_length": stats.mean_accepted_length,
+             "active": stats.mean_active_size, "coverage": stats.coverage}
+    if bi == 0:
+        entry.update(part_times(dec, r))
+    return entry, seqs
+
+
+def compare_to_plain(bench: Bench, B: int, idx: list, new_tokens: torch.Tensor) -> dict:
+    """Greedy rows against plain greedy's at the same batch size: rows compared (those with a plain output),
+    rows equal, and the target's top-2 gap where a row first diverges."""
+    gaps, compared = [], 0
+    for j, i in enumerate(idx):
+        ref = bench.plain_out.get((B, i))
+        if ref is None:
+            continue
+        compared += 1
+        got = new_tokens[j]
+        n = min(len(ref), len(got))
+        gap = mismatch_gap(bench.target, bench.rows[i], ref[:n], got[:n])
+        if gap is not None:
+            gaps.append(gap)
+    return {"equal_rows": compared - len(gaps), "compared_rows": compared, "tie_gaps": gaps}
+
+
+def time_batch(bench: Bench, method: str, B: int, do_sample: bool, bi: int, idx: list) -> dict:
+    """One method on one batch of prompts (indices `idx`, the `bi`-th batch): its entry. Plain greedy keeps
+    its outputs for the speculative methods' comparison."""
+    from microspec.prompts import left_pad
+    ids, mask = left_pad([bench.rows[i] for i in idx], bench.pad, bench.device)
+    if method == "hf":
+        return time_hf(bench, ids, mask)
+    if method == "plain":
+        entry, seqs = time_plain(bench, ids, mask, warm_up=bi == 0)
+        if not do_sample:
+            for j, i in enumerate(idx):
+                bench.plain_out[(B, i)] = seqs[j, ids.shape[1]:]
+        return entry
+    entry, seqs = time_spec(bench, method, ids, mask, do_sample, bi)
+    if not do_sample and bench.plain_out:
+        entry.update(compare_to_plain(bench, B, idx, seqs[:, ids.shape[1]:]))
+    return entry
+
+
+def run_method(bench: Bench, method: str, B: int, mode: str) -> dict:
+    """One method at batch size B in one mode over all prompts: its pooled row (`summarize`), with the
+    per-batch entries (and each batch's tasks) and the wall-clock seconds of the whole pass."""
+    args = bench.args
+    t_method = time.perf_counter()
+    entries = []
+    for bi, idx in enumerate(batches(len(bench.rows), B)):
+        if method == "hf" and args.hf_limit and idx[0] >= args.hf_limit:
+            break       # transformers compiles its static-cache step again for every length
+        entry = time_batch(bench, method, B, mode == "sample", bi, idx)
+        entries.append({**entry, "tasks": sorted({bench.tasks[i] for i in idx})})
+    row = summarize(method, B, mode, entries)
+    row["wall_s"] = time.perf_counter() - t_method
+    return row
+
+
+def run(args) -> None:
+    from microspec.baseline import PlainDecoder
+    from microspec.drafting.eagle import EagleDrafter
+    from microspec.drafting.tree import TreeSpec
+    from microspec.models import load_gguf
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    rows, tasks, ranking, eos, pad = load_inputs(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target, _ = load_gguf(args.model, dtype, device)
+    eagle = EagleDrafter.from_pretrained(args.eagle, target) if args.eagle else None
+    tree = None if args.chain else TreeSpec(top_k=args.top_k, depth=args.depth,
+                                            total_tokens=args.total_tokens)
+    result = result_header(args, target, dtype, tree, device)
+    methods = [m for m in args.methods if m in METHODS]
+    decoders = build_decoders(methods, target, eagle, ranking, tree, args)
     plain = PlainDecoder(target, compile=not args.no_compile)
+    bench = Bench(args, target, rows, tasks, eos, pad, device, plain, decoders)
     for B in args.batch:
         for mode in args.modes:
-            do_sample = mode == "sample"
             for method in methods:
-                if method == "hf" and (do_sample or B > 1 and args.hf_b1_only):
+                if method == "hf" and (mode == "sample" or B > 1 and args.hf_b1_only):
                     continue
-                per_task: dict = {}
-                t_method = time.perf_counter()
-                for bi, idx in enumerate(batches(rows, tasks, B)):
-                    if method == "hf" and args.hf_limit and idx[0] >= args.hf_limit:
-                        break       # transformers compiles its static-cache step again for every length
-                    ids, mask = left_pad([rows[i] for i in idx], pad, device)
-                    entry = {"tokens": 0, "seconds": 0.0}
-                    if method == "hf":
-                        kw = dict(max_new_tokens=args.new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                                  cache_implementation="static")
-                        target.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 8})  # warm-up
-                        short, _ = cuda_time(lambda: target.generate(ids, attention_mask=mask, **{**kw,
-                                                                                     "max_new_tokens": 2}))
-                        seconds, seqs = cuda_time(lambda: target.generate(ids, attention_mask=mask, **kw))
-                        new = (seqs[:, ids.shape[1]:] != pad).sum().item()
-                        entry.update(tokens=new - 2 * len(idx), seconds=seconds - short)
-                    elif method == "plain":
-                        def go():
-                            return plain.generate(ids, mask, max_new_tokens=args.new, eos_token_id=eos,
-                                                  pad_token_id=pad)
-                        if bi == 0:   # first batch of a shape: compile + capture warm-up, then timed
-                            go()
-                        secs, seqs = cuda_time(go)
-                        toks, secs = plain.steady_state or (int(plain.generated.sum()), secs)
-                        entry.update(tokens=toks, seconds=secs)
-                        if not do_sample:
-                            for j, i in enumerate(idx):
-                                plain_out[(B, i)] = seqs[j, ids.shape[1]:]
-                    else:
-                        dec = decoders[method]
-                        if bi == 0:
-                            run_spec(dec, ids, mask, args.new, do_sample, eos, pad, args.seed)   # warm-up
-                        seqs, stats, toks, secs, r = run_spec(dec, ids, mask, args.new, do_sample, eos, pad,
-                                                              args.seed + bi)
-                        entry.update(tokens=toks, seconds=secs, steps=stats.num_verify_steps,
-                                     row_steps=stats.num_row_steps, accepted_length=stats.mean_accepted_length,
-                                     active=stats.mean_active_size, coverage=stats.coverage)
-                        if bi == 0:
-                            entry.update(part_times(dec, r))
-                        if not do_sample and plain_out:
-                            gaps = []
-                            for j, i in enumerate(idx):
-                                ref = plain_out.get((B, i))
-                                if ref is None:
-                                    continue
-                                got = seqs[j, ids.shape[1]:]
-                                n = min(len(ref), len(got))
-                                gap = mismatch_gap(target, rows[i], ref[:n], got[:n])
-                                if gap is not None:
-                                    gaps.append(gap)
-                            entry.update(equal_rows=len(idx) - len(gaps), compared_rows=len(idx), tie_gaps=gaps)
-                    for i in idx:
-                        per_task.setdefault(tasks[i], []).append(entry if i == idx[0] else None)
-                    per_task.setdefault("_batches", []).append({**entry, "tasks": sorted({tasks[i] for i in idx})})
-                row = summarize(method, B, mode, per_task["_batches"])
-                row["wall_s"] = time.perf_counter() - t_method
+                row = run_method(bench, method, B, mode)
                 result["rows"].append(row)
                 print(fmt(row), flush=True)
                 save(f"real_e2e_{args.name}", result, args.out, args.stamp)
@@ -315,27 +399,34 @@ def add_speedups(rows) -> None:
 
 
 def fmt(r) -> str:
+    """One row as the progress line printed after each method."""
+    def g(key):
+        return r.get(key, float("nan"))
     eq = f"{r['equal_rows']}/{r['compared_rows']}" if "compared_rows" in r else "-"
     return (f"{r['method']:<10} B={r['batch']} {r['mode']:<6} {r['tok_s']:9.1f} tok/s  "
-            f"tau {r.get('accepted_length', float('nan')):5.2f}  step {r.get('step_us', float('nan')):7.1f} us  "
-            f"draft {r.get('draft_us', float('nan')):7.1f}  policy {r.get('policy_us', float('nan')):6.1f}  "
-            f"active {r.get('active', float('nan')):8.0f}  cov {r.get('coverage', float('nan')):.3f}  == {eq}")
+            f"tau {g('accepted_length'):5.2f}  step {g('step_us'):7.1f} us  "
+            f"draft {g('draft_us'):7.1f}  policy {g('policy_us'):6.1f}  "
+            f"active {g('active'):8.0f}  cov {g('coverage'):.3f}  == {eq}")
+
+
+COLUMNS = ("method", "B", "mode", "tok/s", "× plain", "× EAGLE-2", "τ", "step µs", "draft µs", "verify µs",
+           "policy µs", "active", "coverage", "== plain")
 
 
 def table(rows) -> str:
-    head = ("| method | B | mode | tok/s | × plain | × EAGLE-2 | τ | step µs | draft µs | verify µs | policy µs "
-            "| active | coverage | == plain |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    """The final Markdown table, one line per row ("–" where a figure does not apply)."""
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * 3 + "---:|" * 10 + "---|\n"
 
     def f(r, k, spec="{:.2f}"):
         return spec.format(r[k]) if k in r else "–"
-    body = "".join(
-        f"| {r['method']} | {r['batch']} | {r['mode']} | {r['tok_s']:.0f} | {f(r, 'x_plain')} | {f(r, 'x_eagle2')} | "
-        f"{f(r, 'accepted_length')} | {f(r, 'step_us', '{:.0f}')} | {f(r, 'draft_us', '{:.0f}')} | "
-        f"{f(r, 'verify_us', '{:.0f}')} | {f(r, 'policy_us', '{:.1f}')} | {f(r, 'active', '{:.0f}')} | "
-        f"{f(r, 'coverage', '{:.3f}')} | "
-        f"{(str(r['equal_rows']) + '/' + str(r['compared_rows'])) if 'compared_rows' in r else '–'} |\n"
-        for r in rows)
-    return head + body
+
+    def cells(r):
+        eq = f"{r['equal_rows']}/{r['compared_rows']}" if "compared_rows" in r else "–"
+        return [r["method"], r["batch"], r["mode"], f"{r['tok_s']:.0f}", f(r, "x_plain"), f(r, "x_eagle2"),
+                f(r, "accepted_length"), f(r, "step_us", "{:.0f}"), f(r, "draft_us", "{:.0f}"),
+                f(r, "verify_us", "{:.0f}"), f(r, "policy_us", "{:.1f}"), f(r, "active", "{:.0f}"),
+                f(r, "coverage", "{:.3f}"), eq]
+    return head + "".join("| " + " | ".join(map(str, cells(r))) + " |\n" for r in rows)
 
 
 def main(argv=None) -> int:
