@@ -289,11 +289,15 @@ def test_proposer_restricted_active_set_and_first_commit_without_hidden():
     drive("llama", do_sample=False, n_active=31, chunk=5, first_hidden=False, plan=2)
 
 
-def test_make_proposer_refuses_what_it_cannot_run():
+def test_make_proposer_backends_and_bad_trees():
+    """The norm-free EAGLE layer runs on either backend (the lean one skips Identity norms); a tree must be
+    a TreeSpec."""
+    from microspec.drafting.tree import TreeSpec
     _, drafter = drafter_for("llama")
-    with pytest.raises(NotImplementedError, match="lean"):
-        drafter.make_proposer(None, 3, backend="lean")
-    with pytest.raises(NotImplementedError, match="tree"):
+    assert drafter.make_proposer(None, 3, backend="lean").backend.name == "lean"
+    assert drafter.make_proposer(None, 3, backend="hf").backend.name == "hf"
+    assert drafter.make_proposer(None, 3, tree=TreeSpec(2, 2, 4)).num_nodes == 3
+    with pytest.raises(TypeError, match="TreeSpec"):
         drafter.make_proposer(None, 3, tree=object())
 
 
