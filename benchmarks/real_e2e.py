@@ -54,14 +54,10 @@ MAX_PROMPT = 768     # tokens: long Spec-Bench articles are cut from the left (t
 
 # ---------------------------------------------------------------------------------------------- prepare (CPU)
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """The model's chat template when it has one, else a plain base-model prompt; at most MAX_PROMPT ids."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tokenizer(text + "\n\n", add_special_tokens=True)["input_ids"]
-    return list(ids)[-MAX_PROMPT:]
+    """`microspec.prompts.encode_prompt` (the chat template, or "text\\n\\n" with BOS for base models, as the
+    heads were trained), at most the last MAX_PROMPT ids."""
+    from microspec.prompts import encode_prompt as encode
+    return encode(tokenizer, text, "auto")[-MAX_PROMPT:]
 
 
 def prepare(args) -> None:

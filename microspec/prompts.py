@@ -9,16 +9,37 @@ import torch
 from torch import Tensor
 
 
+PROMPT_FORMATS = ("auto", "chat", "plain", "raw")
+
+
+def encode_prompt(tokenizer, text: str, fmt: str = "auto") -> list[int]:
+    """One prompt -> token ids, the one place a prompt is formatted (demo, generate, eval, benchmarks, the
+    drafter's training data, the lab's teacher-forced passes).
+
+    "chat": one user turn through the chat template with the generation prompt (no extra special tokens:
+    the template holds them); "plain": the text, a blank line, and the tokenizer's BOS (base models such as
+    Gemma-3-270M); "raw": the text alone; "auto": chat when the tokenizer has a template, else plain.
+    """
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "auto":
+        fmt = "chat" if has_template else "plain"
+    if fmt == "chat":
+        if not has_template:
+            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    if fmt == "plain":
+        return tokenizer.encode(text.rstrip() + "\n\n", add_special_tokens=True)
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
 def chat_rows(tokenizer, texts: list[str]) -> list[list[int]]:
-    """One user turn each, through the tokenizer's chat template when it has one (no extra special tokens:
-    the template already holds them)."""
-    rows = []
-    for text in texts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
-        rows.append(tokenizer.encode(text, add_special_tokens=False))
-    return rows
+    """One user turn each, through the tokenizer's chat template when it has one, else the raw text."""
+    fmt = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+    return [encode_prompt(tokenizer, text, fmt) for text in texts]
 
 
 def left_pad(rows: list[list[int]], pad: int = 0, device=None) -> tuple[Tensor, Tensor]:

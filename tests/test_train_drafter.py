@@ -8,7 +8,8 @@ import torch
 from microspec.cli import main
 from microspec.drafting.eagle import EagleDrafter
 from microspec.lab import train_drafter as td
-from microspec.lab.drafter_data import (Sequence, collate, format_prompt, load_sequences, random_prompt_rows,
+from microspec.prompts import encode_prompt
+from microspec.lab.drafter_data import (Sequence, collate, load_sequences, random_prompt_rows,
                                         save_sequences, self_distill, split_prompts, teacher_forced,
                                         token_batches, truncate)
 from microspec.lab.eagle_loss import distill_ce, head_argmax
@@ -58,9 +59,9 @@ class FakeTokenizer:
 
 def test_data_pipeline(tmp_path):
     chat, plain = FakeTokenizer(), FakeTokenizer(template=False)
-    assert format_prompt(chat, "hi") == chat.encode("<u>hi</u><a>", add_special_tokens=False)
-    assert format_prompt(plain, "hi ") == plain.encode("hi\n\n")                  # BOS, then a blank line
-    rows = [format_prompt(chat, p) for p in ("a", "bb")]
+    assert encode_prompt(chat, "hi") == chat.encode("<u>hi</u><a>", add_special_tokens=False)
+    assert encode_prompt(plain, "hi ") == plain.encode("hi\n\n")                  # BOS, then a blank line
+    rows = [encode_prompt(chat, p) for p in ("a", "bb")]
     seqs = teacher_forced(rows, [["xy", "z"], ["w"]], chat, eos_id=2)
     assert [s.ids[s.prompt_len:] for s in seqs] == [chat.encode(t, False) + [2] for t in ("xy", "z", "w")]
     seqs += [Sequence(list(range(5, 5 + n)), 2, "greedy") for n in (3, 9, 20, 4, 4)]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..policies.cluster import ClusterPolicy, MetaClassifier, pad_table
+from ..prompts import chat_rows
 
 _CHUNK_BYTES = 1 << 28  # distance block budget: 256 MiB
 
@@ -182,11 +183,7 @@ def token_features(model, kind: str = "lm-head") -> Tensor:
 # ---------------------------------------------------------------------------------------------- data
 def _chat_prefix(tokenizer, prompt: str) -> list[int]:
     """Token ids before the response: the chat template with a generation prompt, else the raw prompt."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+    return chat_rows(tokenizer, [prompt])[0]
 
 
 @dataclass

@@ -5,7 +5,7 @@
                                              # six models there) + GSM8K *train*; a prompt that also occurs in
                                              # an evaluation set is dropped
     train, held = split_prompts(sorted(pairs), 0.02, seed)
-    rows  = [format_prompt(tok, p, "auto") for p in train]    # chat template, or "prompt\\n\\n" (base models)
+    rows  = [encode_prompt(tok, p, "auto") for p in train]    # chat template, or "prompt\\n\\n" (base models)
     seqs  = self_distill(model, rows, ("greedy", 0.7, 1.0), max_new=256, ...)     # the target's own answers
     seqs += teacher_forced(rows, [pairs[p] for p in train], tok, eos)              # real answers
     for idx in token_batches(seqs, max_tokens=16384, seed=0): ids, mask, plen, lens = collate(seqs, idx, pad)
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .data import load_pairs, shared_data_dir
+from ..prompts import encode_prompt
 
 # alpaca:* = every AlpacaEval model file in the shared data (same 805 instructions, six models' answers).
 DEFAULT_SOURCES = ("alpaca:*", "gsm8k:train")
@@ -84,19 +85,6 @@ def split_prompts(prompts: list[str], heldout_frac: float, seed: int) -> tuple[l
     n_held = max(1, round(heldout_frac * len(order))) if len(order) > 1 else 0
     return order[n_held:], order[:n_held]
 
-
-def format_prompt(tokenizer, text: str, fmt: str = "auto") -> list[int]:
-    """Prompt token ids: "chat" (one user turn through the chat template, as `microspec.prompts` does),
-    "plain" (text + a blank line, with the tokenizer's BOS: base models), or "auto" (chat when the
-    tokenizer has a template)."""
-    if fmt == "auto":
-        fmt = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-    if fmt == "chat":
-        from ..prompts import chat_rows
-        return chat_rows(tokenizer, [text])[0]
-    if fmt == "plain":
-        return tokenizer.encode(text.rstrip() + "\n\n", add_special_tokens=True)
-    raise ValueError(f"prompt format must be auto, chat or plain, got {fmt!r}")
 
 
 def random_prompt_rows(n: int, vocab_size: int, lengths=(4, 12), seed: int = 0,
@@ -283,7 +271,7 @@ def build_dataset(model, tokenizer, *, sources=DEFAULT_SOURCES, prompt_format: s
         pairs = training_pairs(sources)
         train_p, held_p = split_prompts(list(pairs), heldout_frac, seed)
         train_p = train_p[:limit_prompts] if limit_prompts else train_p
-        rows = {p: format_prompt(tokenizer, p, prompt_format) for p in train_p + held_p}
+        rows = {p: encode_prompt(tokenizer, p, prompt_format) for p in train_p + held_p}
         fits = {p: r for p, r in rows.items() if len(r) <= max_len - 16}          # room for an answer
         train_p, held_p = [p for p in train_p if p in fits], [p for p in held_p if p in fits]
         train_rows, held_rows = [fits[p] for p in train_p], [fits[p] for p in held_p]

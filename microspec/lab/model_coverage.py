@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .data import Tokenizer
 from ..models.hf import CausalLM, vocab_size_of
 from ..policies.base import VocabPolicy
+from ..prompts import encode_prompt
 
 
 @dataclass
@@ -149,14 +150,9 @@ def encode_pairs(tokenizer, pairs, chat_template: bool = True, max_prompt_tokens
     use_template = chat_template and getattr(tokenizer, "chat_template", None)
     out = []
     for prompt, response in pairs:
-        if use_template:
-            p = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                              add_generation_prompt=True)
-            p = list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p)
-        else:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            if not p:
-                p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        p = encode_prompt(tokenizer, prompt, "chat" if use_template else "raw")
+        if not p:
+            p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
         if max_prompt_tokens:
             p = p[-max_prompt_tokens:]
