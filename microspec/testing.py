@@ -66,6 +66,19 @@ def no_host_sync():
             setattr(torch.Tensor, name, fn)
 
 
+@contextlib.contextmanager
+def cuda_sync_errors():
+    """On CUDA: raise inside the block on any operation that synchronises the GPU with the host
+    (`torch.cuda.set_sync_debug_mode("error")`), with the queued work drained before and after."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 class PolicyContract:
     """Base class of policy test suites. Override `make_policy`; the class attributes set the scene."""
 
@@ -256,10 +269,6 @@ class PolicyContract:
             pytest.skip("CUDA required")
         policy = self.setup_policy(device="cuda")
         prompt, commits = self.history(seed=12, device="cuda")
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_sync_errors():
             self.run_history(policy, prompt, commits)
             policy.active()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")

@@ -6,6 +6,7 @@ import torch
 from tiny_models import EOS, PAD, VOCAB, noisy_copy, tiny_model
 
 from microspec import SpecDecoder
+from microspec.testing import cuda_sync_errors
 from microspec.kernels import (
     delta_gather_ref,
     delta_gather_triton,
@@ -95,10 +96,5 @@ def test_decode_step_never_syncs_on_cuda():
                                 generator=torch.Generator(device="cuda").manual_seed(0))
         run.start()
         run.draw_noise()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_sync_errors():
             run.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()

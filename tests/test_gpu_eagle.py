@@ -7,6 +7,7 @@ import torch
 from tiny_models import EOS, PAD, VOCAB, tiny_model
 
 from microspec import SpecDecoder
+from microspec.testing import cuda_sync_errors
 from microspec.baseline import PlainDecoder
 from microspec.drafting.eagle import EagleDrafter
 from microspec.drafting.tree import TreeSpec
@@ -56,13 +57,8 @@ def test_eagle_captured_equals_eager_and_never_syncs(shape, do_sample):
                                 generator=torch.Generator(device="cuda").manual_seed(0))
         run.start()
         run.draw_noise()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_sync_errors():
             run.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("backend", ["lean", "hf"])
