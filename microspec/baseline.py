@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .drafting.base import Commit, DraftRequest, Drafts
 from .engine import DecodeRun, EngineParts
+from .inputs import as_id_list
 from .policies import FullVocab
 from .sampling import SamplingConfig
 
@@ -76,8 +77,7 @@ class PlainDecoder:
         dev = self.lm.device
         ids = input_ids.to(dev)
         mask = (torch.ones_like(ids) if attention_mask is None else attention_mask).to(dev).bool()
-        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
-                                               else [int(e) for e in eos_token_id])
+        eos = as_id_list(eos_token_id, "eos_token_id")
         parts = EngineParts(self.lm, NoDraft(), self.policy, self.lm.vocab_size, self.prefill_chunk)
         run = DecodeRun(parts, ids, mask, max_new_tokens, SamplingConfig(), eos, cuda_graph=self.cuda_graph)
         run.start()

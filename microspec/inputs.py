@@ -8,6 +8,8 @@ one-line message that names the argument, what it got and what it expects.
     check_int / check_bool / check_real     scalar arguments
     as_token_ids                            id lists (maps, core ids, ranked ids) -> int64 [n], no coercion
     check_prompt                            input_ids / attention_mask -> (int64 [B, L], bool [B, L])
+    as_id_list                              special ids (int, list, tensor or None) -> list[int], in order
+    eos_ids_of                              the one EOS rule: the ids that end a model's generation
     resolve_special_ids                     eos / pad ids, with `NOT_GIVEN` (transformers' convention)
     check_generator                         None, one torch.Generator, or one per row, on the model's device
     check_streamer                          None, or an object with put() / end() for a batch of one
@@ -181,8 +183,15 @@ def check_prompt(input_ids, attention_mask, vocab_size: int,
 
 
 # ---------------------------------------------------------------------------------------------- special ids
-def _ids_of(name: str, value, vocab_size: int, source: str) -> list[int]:
-    """None -> []; an int, a list/tuple of ints or a 1-D/0-D int tensor -> ids in [0, vocab_size)."""
+def as_id_list(value, name: str = "eos_token_id", vocab_size: int | None = None,
+               source: str = "") -> list[int]:
+    """Special ids in any of the forms configs and callers use -> a list of ints, order and repeats kept
+    (the first id is the pad fallback of `resolve_special_ids`).
+
+    None -> []; an int, a list/tuple of ints or a 0-D/1-D int tensor -> its ids. Refuses floats, bools and
+    strings (TypeError) and, when `vocab_size` is given, ids outside [0, vocab_size) (ValueError). `source`
+    ends the messages' argument name (e.g. " (from the target's generation_config)").
+    """
     if value is None:
         return []
     if isinstance(value, Tensor):
@@ -201,10 +210,31 @@ def _ids_of(name: str, value, vocab_size: int, source: str) -> list[int]:
     else:
         raise TypeError(f"{name}{source} must be an int, a list of ints or None, got {_kind(value)} "
                         f"{value!r}")
-    for e in ids:
+    for e in ids if vocab_size is not None else ():
         if not 0 <= e < vocab_size:
             raise ValueError(f"{name} {e}{source} out of range [0, {vocab_size})")
     return ids
+
+
+def eos_ids_of(source, tokenizer=None) -> list[int]:
+    """The one EOS rule: every id that ends a generation of `source`, sorted and distinct.
+
+    source: a Hugging Face model (its generation config's ids and its model config's: a
+    `generation_config.json` may list ids the model config lacks, and the reverse), a generation config or a
+    model config (its own ids only), or None (no model at hand). tokenizer: its `eos_token_id` is added when
+    given. A union, because these ids serve as stop ids and as special ids kept in every active set, where a
+    missing end id costs more than an extra one. Where a model's `generate` must be matched exactly, pass
+    its generation config alone (`resolve_special_ids` keeps that config's order too: its first id is the
+    pad fallback).
+    """
+    if isinstance(source, nn.Module):
+        holders = [getattr(source, "generation_config", None), source.config]
+    else:
+        holders = [source]
+    ids = [e for h in holders if h is not None for e in as_id_list(getattr(h, "eos_token_id", None))]
+    if tokenizer is not None:
+        ids += as_id_list(getattr(tokenizer, "eos_token_id", None), "tokenizer.eos_token_id")
+    return sorted(set(ids))
 
 
 def resolve_special_ids(eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN, generation_config=None,
@@ -216,11 +246,11 @@ def resolve_special_ids(eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN, generati
     ever padded, since rows only finish early at an EOS). EOS ids must be in [0, vocab_size); an explicit pad
     id too (a pad id from the config is kept as it is, as transformers does).
     """
-    gen_eos = getattr(generation_config, "eos_token_id", None)
-    if eos_token_id is NOT_GIVEN:
-        eos = _ids_of("eos_token_id", gen_eos, vocab_size, " (from the target's generation_config)")
+    if eos_token_id is NOT_GIVEN:       # not `eos_ids_of`: `generate` reads the generation config alone
+        eos = as_id_list(getattr(generation_config, "eos_token_id", None), "eos_token_id", vocab_size,
+                         " (from the target's generation_config)")
     else:
-        eos = _ids_of("eos_token_id", eos_token_id, vocab_size, "")
+        eos = as_id_list(eos_token_id, "eos_token_id", vocab_size)
     if pad_token_id is NOT_GIVEN:
         pad = getattr(generation_config, "pad_token_id", None)
         if isinstance(pad, Tensor) and pad.numel() == 1 and not pad.is_floating_point():

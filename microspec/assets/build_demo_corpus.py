@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     import torch
 
     from microspec import models
+    from microspec.inputs import eos_ids_of
     from microspec.prompts import encode_chat
     p = argparse.ArgumentParser(prog="python -m microspec.assets.build_demo_corpus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = models.load_model("smollm2", torch.float32, "cpu")
-    eos = model.generation_config.eos_token_id
+    eos = eos_ids_of(model.generation_config)     # the generation config's alone, as generate reads it
     texts = prompts()
     rows = []
     for i in range(0, len(texts), args.batch):
@@ -136,8 +137,7 @@ def main(argv=None) -> int:
         ids, mask = encode_chat(tokenizer, chunk)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=eos if isinstance(eos, int) else eos[0])
+                                 max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=eos[0])
         for prompt, new in zip(chunk, out[:, ids.shape[1]:]):
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
             rows.append({"prompt": prompt, "response": answer})

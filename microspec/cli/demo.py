@@ -15,6 +15,7 @@ import statistics
 
 import torch
 
+from ..inputs import eos_ids_of
 from ..prompts import encode_chat
 from ._common import add_model_args, add_policy_args, build_policies, load_drafter, load_target, tree_spec
 
@@ -61,11 +62,11 @@ def run(args) -> int:
         mask = torch.ones_like(ids)
     else:
         ids, mask = encode_chat(tokenizer, PROMPTS[: args.prompts], device=args.device)
-    eos = target.generation_config.eos_token_id
-    pad = target.generation_config.pad_token_id
-    pad = pad if pad is not None else (eos if isinstance(eos, int) else 0)
-    eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    eos_ids = torch.tensor(eos_list, dtype=torch.long, device=args.device)
+    gen = target.generation_config
+    eos = eos_ids_of(gen)        # the generation config's alone: what target.generate stops at
+    pad = gen.pad_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(gen.eos_token_id, int) else 0)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=args.device)
     vocab = target.get_output_embeddings().weight.shape[0]
     policies = build_policies(args, tokenizer, vocab, skip_missing_cluster=True)
 

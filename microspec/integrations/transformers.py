@@ -26,6 +26,7 @@ from torch import Tensor
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..decoder import SpecDecoder
+from ..inputs import as_id_list
 from ..outputs import SpecStats
 from ..policies import FullVocab, VocabPolicy
 
@@ -108,7 +109,7 @@ def _stopping(criteria, generation_config) -> tuple[int, list[int]]:
         if isinstance(crit, MaxLengthCriteria):
             max_length = crit.max_length
         elif isinstance(crit, EosTokenCriteria):
-            eos = [int(e) for e in torch.as_tensor(crit.eos_token_id).flatten()]
+            eos = as_id_list(crit.eos_token_id, "eos_token_id")     # a tensor [n] of the config's ids
         else:
             raise ValueError(f"microspec_generate stops at EOS and max length only; {type(crit).__name__} "
                              "was requested")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .teacher import Teacher, TeacherBatch, length_batches
 from ..policies.cluster import ClusterPolicy, MetaClassifier, pad_table
 from ..prompts import chat_rows
 
@@ -211,7 +212,6 @@ class States:
         return out
 
 
-@torch.no_grad()
 def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_id: int,
                    max_response: int = 192, batch_tokens: int = 2048, progress=None) -> States:
     """Teacher-forced (hidden state, next W tokens) samples from `model` over (prompt, response) pairs.
@@ -219,12 +219,10 @@ def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_
     Every response position t gives a sample: the final hidden state at t (the last prompt token's state
     predicts the first response token) and the ids t+1..t+W. Pairs are taken in the given order, each response
     cut at `max_response` tokens and closed with `eos_id`, until `positions` samples exist; prompts go through
-    the tokenizer's chat template when it has one. Documents run in length-sorted, right-padded batches of
-    about `batch_tokens` tokens through the model's decoder (`model.<base_model_prefix>`, whose output is the
-    final normed state). Returns `States` on the CPU, in pair order.
+    the tokenizer's chat template when it has one. Documents run through `microspec.lab.teacher` (the model's
+    own decoder, whose output is the final normed state) in length-sorted, right-padded batches of about
+    `batch_tokens` tokens. Returns `States` on the CPU, in pair order.
     """
-    device = next(model.parameters()).device
-    base = getattr(model, model.base_model_prefix)       # the decoder without its head: final normed states
     docs, total = [], 0
     for prompt, response in pairs:
         if total >= positions:
@@ -236,42 +234,33 @@ def collect_states(model, tokenizer, pairs, *, positions: int, window: int, eos_
     if total <= 0:
         raise ValueError("no response tokens in the training pairs")
     out: list = [None] * len(docs)
-    order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]) + len(docs[i][1]))
-    batch: list[int] = []
+    rows = [p + r for p, r in docs]
     done = 0
-    for j, i in enumerate(order):
-        batch.append(i)
-        longest = len(docs[i][0]) + len(docs[i][1])
-        if longest * (len(batch) + 1) > batch_tokens or j == len(order) - 1:
-            for b, res in zip(batch, _run_batch(base, [docs[b] for b in batch], window, device)):
-                out[b] = res
-            done += sum(len(docs[b][1]) for b in batch)
-            if progress is not None:
-                progress.update(min(done, positions) - progress.n)
-            batch = []
+    batches = length_batches([len(r) for r in rows], batch_tokens, lookahead=False)
+    for b in Teacher(model).batches(rows, batches):
+        for i, res in zip(b.rows, _samples(b, [docs[i] for i in b.rows], window)):
+            out[i] = res
+        done += sum(len(docs[i][1]) for i in b.rows)
+        if progress is not None:
+            progress.update(min(done, positions) - progress.n)
     n = [h.shape[0] for h, _, _ in out]
     doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(n))[:positions]
     return States(torch.cat([h for h, _, _ in out])[:positions],
                   torch.cat([w for _, w, _ in out])[:positions],
-                  [torch.tensor(p + r) for p, r in docs], doc, torch.cat([e for _, _, e in out])[:positions])
+                  [torch.tensor(r) for r in rows], doc, torch.cat([e for _, _, e in out])[:positions])
 
 
-def _run_batch(base, docs, window: int, device) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """One right-padded forward; per doc: hidden [n, D] float32, windows [n, W], context ends [n]."""
-    lengths = [len(p) + len(r) for p, r in docs]
-    L = max(lengths)
-    ids = torch.zeros(len(docs), L, dtype=torch.long)
-    for i, (p, r) in enumerate(docs):
-        ids[i, : lengths[i]] = torch.tensor(p + r)
-    mask = torch.arange(L) < torch.tensor(lengths).unsqueeze(1)                      # [B, L]
-    hidden = base(input_ids=ids.to(device), attention_mask=mask.long().to(device)).last_hidden_state
+def _samples(batch: TeacherBatch, docs, window: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """One teacher batch's samples; per doc: hidden [n, D] float32, windows [n, W], context ends [n]."""
+    ids = batch.tokens.cpu()                                                          # [B, L]
     results = []
     for i, (p, r) in enumerate(docs):
-        start, stop = max(len(p) - 1, 0), lengths[i] - 1                               # t predicts t+1
+        length = len(p) + len(r)
+        start, stop = max(len(p) - 1, 0), length - 1                                   # t predicts t+1
         t = torch.arange(start, stop)                                                 # [n]
         idx = t.unsqueeze(1) + 1 + torch.arange(window)                               # [n, W]
-        padded = torch.cat([ids[i, : lengths[i]], torch.full((window,), -1, dtype=torch.long)])
-        results.append((hidden[i, start:stop].float().cpu(), padded[idx], t + 2))
+        padded = torch.cat([ids[i, :length], torch.full((window,), -1, dtype=torch.long)])
+        results.append((batch.hidden[i, start:stop].float().cpu(), padded[idx], t + 2))
     return results
 
 

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .data import load_pairs, shared_data_dir
+from .teacher import length_batches, pad_rows
+from ..inputs import eos_ids_of
 from ..prompts import encode_prompt
 
 # alpaca:* = every AlpacaEval model file in the shared data (same 805 instructions, six models' answers).
@@ -165,16 +167,9 @@ def truncate(seqs: list[Sequence], max_len: int) -> list[Sequence]:
 
 
 def token_batches(seqs: list[Sequence], max_tokens: int, seed: int) -> list[list[int]]:
-    """Indices of sequences grouped by length so that rows x longest <= max_tokens, in a seeded order."""
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids), i))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * len(seqs[i].ids) > max_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
+    """Indices of sequences grouped by length so that rows x longest <= max_tokens (`length_batches`), in a
+    seeded order."""
+    batches = length_batches([len(s.ids) for s in seqs], max_tokens)
     random.Random(seed).shuffle(batches)
     return batches
 
@@ -184,14 +179,10 @@ def collate(seqs: list[Sequence], idx: list[int], pad_id: int,
     """Right-padded batch: input_ids int64 [B, T], attention_mask int64 [B, T], prompt_lens [B],
     lengths [B]."""
     rows = [seqs[i] for i in idx]
-    T = max(len(s.ids) for s in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, s in enumerate(rows):
-        ids[j, : len(s.ids)], mask[j, : len(s.ids)] = torch.tensor(s.ids), 1
+    ids, mask = pad_rows([torch.tensor(s.ids, dtype=torch.long) for s in rows], pad_id)
     plen = torch.tensor([s.prompt_len for s in rows])
     lens = torch.tensor([len(s.ids) for s in rows])
-    return ids.to(device), mask.to(device), plen.to(device), lens.to(device)
+    return ids.to(device), mask.long().to(device), plen.to(device), lens.to(device)
 
 
 def summary(seqs: list[Sequence]) -> dict:
@@ -237,11 +228,9 @@ def load_sequences(path: str | Path) -> dict[str, list[Sequence]]:
 
 
 def special_ids(model, tokenizer) -> tuple[list[int], int]:
-    """(EOS ids, pad id) from the tokenizer, the generation config and the model config."""
-    eos: set[int] = set()
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(src, "eos_token_id", None) if src is not None else None
-        eos |= {int(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None}
+    """(EOS ids, pad id): `eos_ids_of` the model and the tokenizer; the tokenizer's pad id, else the
+    generation config's, else the smallest EOS id (0 without one)."""
+    eos = eos_ids_of(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad is None:
         pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
@@ -281,7 +270,7 @@ def build_dataset(model, tokenizer, *, sources=DEFAULT_SOURCES, prompt_format: s
     held = self_distill(model, held_rows, **kw)
     deadline = time.time() + gen_minutes * 60 if gen_minutes else None
     train = self_distill(model, train_rows, deadline=deadline, **kw)
-    if real:
+    if real:     # one id to write after a real answer, not a set to stop at: the tokenizer's own
         eos_id = getattr(tokenizer, "eos_token_id", None)
         train += teacher_forced(train_rows, train_ans, tokenizer, eos_id)
         held += teacher_forced(held_rows, held_ans, tokenizer, eos_id)

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .data import Tokenizer
-from ..models.hf import CausalLM, vocab_size_of
+from .teacher import Teacher, length_batches, pad_rows
+from ..inputs import eos_ids_of
+from ..models.hf import vocab_size_of
 from ..policies.base import VocabPolicy
 from ..prompts import encode_prompt
 
@@ -45,16 +47,6 @@ class TargetTrace:
     """
     topk: Tensor
     hidden: Tensor | None = None
-
-
-def pad_rows(seqs: list[Tensor], fill=0) -> tuple[Tensor, Tensor]:
-    """Right-pad tensors [n_i, *F] to [B, max(n_i, 1), *F] with `fill`; bool mask [B, max] of real rows."""
-    B, L = len(seqs), max(1, max(s.shape[0] for s in seqs))
-    out = torch.full((B, L, *seqs[0].shape[1:]), fill, dtype=seqs[0].dtype)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    for r, s in enumerate(seqs):
-        out[r, : s.shape[0]], mask[r, : s.shape[0]] = s, True
-    return out, mask
 
 
 def check_traces(policy: VocabPolicy, docs, traces) -> None:
@@ -125,17 +117,7 @@ def hf_tokenizer(tokenizer, vocab_size: int, eos_ids, name: str = "model") -> To
                      lambda ids: tokenizer.decode(ids))
 
 
-def model_eos_ids(model: nn.Module, tokenizer=None) -> list[int]:
-    """End ids the decoder would stop at: the generation config's eos ids, plus the tokenizer's."""
-    ids = []
-    for src in (getattr(model, "generation_config", None), model.config):
-        value = getattr(src, "eos_token_id", None)
-        if value is not None:
-            ids += value if isinstance(value, (list, tuple)) else [value]
-            break
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(int(i) for i in ids))
+model_eos_ids = eos_ids_of   # the name `microspec coverage` imports: the one EOS rule, under its old name
 
 
 def encode_pairs(tokenizer, pairs, chat_template: bool = True, max_prompt_tokens: int | None = None,
@@ -169,10 +151,10 @@ def sample_indices(n: int, k: int | None, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
-@torch.no_grad()
 def teacher_forced_traces(model: nn.Module, docs, topk: int = 3, hidden: bool = False, vocab_size=None,
                           batch_tokens: int = 4096, chunk: int = 256, progress=None) -> list[TargetTrace]:
-    """Run the target over each prompt + response once and keep what the policy hooks need.
+    """Run the target over each prompt + response once (`microspec.lab.teacher`, the `CausalLM` path) and
+    keep what the policy hooks need.
 
     Args:
         model:        a Hugging Face causal LM (attention "sdpa" or "eager"); any dtype, on any device.
@@ -191,47 +173,17 @@ def teacher_forced_traces(model: nn.Module, docs, topk: int = 3, hidden: bool = 
     for i, (p, _) in enumerate(docs):
         if len(p) == 0:
             raise ValueError(f"document {i}: empty prompt (the target needs a position to predict token 0)")
-    lm = CausalLM(model)
-    dev = lm.device
+    teacher = Teacher(model, hidden=hidden, topk=topk, vocab_size=V, chunk=chunk)
     out: list[TargetTrace | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: seqs[i].numel())
-    batches, rows, longest = [], [], 0
-    for i in order:                                  # greedy: rows x longest length <= batch_tokens
-        n = seqs[i].numel()
-        if rows and (len(rows) + 1) * max(longest, n) > batch_tokens:
-            batches.append(rows)
-            rows, longest = [], 0
-        rows.append(i)
-        longest = max(longest, n)
-    batches += [rows] if rows else []
-    for rows in batches:
-        _trace_batch(lm, [seqs[i] for i in rows], rows, out, topk, hidden, V, chunk, dev)
+    for b in teacher.batches(seqs, length_batches([s.numel() for s in seqs], batch_tokens)):
+        top = b.topk.cpu() if topk else torch.zeros(*b.tokens.shape, 0, dtype=torch.long)   # [B, N, k]
+        hid = b.hidden.float().cpu() if hidden else None                                   # [B, N, D]
+        for r, i in enumerate(b.rows):
+            n = seqs[i].numel()
+            out[i] = TargetTrace(top[r, :n].clone(), hid[r, :n].clone() if hidden else None)
         if progress is not None:
-            progress.update(sum(seqs[i].numel() for i in rows))
+            progress.update(sum(seqs[i].numel() for i in b.rows))
     return out
-
-
-def _trace_batch(lm: CausalLM, seqs, rows, out, k: int, hidden: bool, V: int, chunk: int, dev) -> None:
-    """Forward one right-padded batch in position chunks; store each row's top-k (and hidden) in `out`."""
-    B, N = len(seqs), max(s.numel() for s in seqs)
-    tokens = torch.zeros(B, N, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        tokens[r, : s.numel()] = s
-    tokens = tokens.to(dev)
-    lm.allocate(B, N)
-    tops, hids = [], []
-    for c0 in range(0, N, chunk):
-        c1 = min(N, c0 + chunk)
-        pos = torch.arange(c0, c1, device=dev).expand(B, -1)                            # [B, t]
-        h = lm.forward(tokens[:, c0:c1], pos, eager=True)                              # [B, t, D]
-        tops.append(torch.topk(lm.logits(h)[..., :V].float(), k, dim=-1).indices.cpu() if k else None)
-        if hidden:
-            hids.append(h.float().cpu())                                                # [B, t, D]
-    top = torch.cat(tops, 1) if k else torch.zeros(B, N, 0, dtype=torch.long)         # [B, N, k]
-    hid = torch.cat(hids, 1) if hidden else None                                        # [B, N, D]
-    for r, (i, s) in enumerate(zip(rows, seqs)):
-        n = s.numel()   # padding sits after the real tokens: causality keeps it out of their states
-        out[i] = TargetTrace(top[r, :n].clone(), hid[r, :n].clone() if hidden else None)
 
 
 def traces_for(model, docs, policies, progress=None, **kw) -> tuple[list[TargetTrace], float]:

@@ -1,10 +1,11 @@
 """Training an `EagleDrafter` on a target's own features (EAGLE-1 recipe), online: the frozen target runs on
 every batch in no_grad and its final hidden states are the features; nothing is dumped to disk.
 
-Features. f = the target's decoder output `last_hidden_state` (`target.base_model(...)`), which is after the
-final norm: the input of the LM head. (Checked in transformers 5.24: `LlamaModel.forward` and
-`Gemma3TextModel.forward` apply `self.norm` before returning, and `output_hidden_states=True` gives the same
-tensor as hidden_states[-1], since `capture_outputs` ties the last entry to `last_hidden_state`.)
+Features. f = the target's decoder output `last_hidden_state` (`target.base_model(...)`, through
+`microspec.lab.teacher.Teacher`), which is after the final norm: the input of the LM head. (Checked in
+transformers 5.24: `LlamaModel.forward` and `Gemma3TextModel.forward` apply `self.norm` before returning, and
+`output_hidden_states=True` gives the same tensor as hidden_states[-1], since `capture_outputs` ties the last
+entry to `last_hidden_state`.)
 
 One step on a batch of right-padded sequences x [B, T] (answer positions marked by the prompt lengths):
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from ..drafting.eagle import EagleDrafter
 from .drafter_data import Sequence, collate, summary, token_batches
 from .eagle_loss import distill_ce, feature_loss, head_argmax
+from .teacher import Teacher
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "log.jsonl"
@@ -65,12 +67,6 @@ class TrainConfig:
     save_dtype: str = "bfloat16"
 
 
-def target_features(target: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    """The target's final-norm hidden states [B, T, D] (no grad)."""
-    with torch.no_grad():
-        return target.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-
-
 def loss_positions(prompt_lens: Tensor, lengths: Tensor, T: int) -> Tensor:
     """bool [B, T-1]: drafter positions t with prompt_len - 1 <= t <= len - 2."""
     t = torch.arange(T - 1, device=lengths.device)
@@ -82,6 +78,7 @@ class Objective:
 
     def __init__(self, target: nn.Module, drafter: EagleDrafter, cfg: TrainConfig):
         self.target, self.drafter, self.cfg = target, drafter, cfg
+        self.teacher = Teacher(target)               # the model's own decoder: last_hidden_state, no grad
         self.weight = drafter.head_weight.detach()
         self.softcap = getattr(target.config, "final_logit_softcapping", None) or None
         self.cuda = drafter.fc.weight.is_cuda
@@ -90,7 +87,7 @@ class Objective:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
 
     def inputs(self, ids, mask, plen, lens, noise: bool):
-        feats = target_features(self.target, ids, mask).to(self.drafter.fc.weight.dtype)         # [B, T, D]
+        feats = self.teacher.run(ids, mask).hidden.to(self.drafter.fc.weight.dtype)              # [B, T, D]
         f_in, f_tgt = feats[:, :-1], feats[:, 1:]
         if noise and self.cfg.noise > 0:
             scale = self.cfg.noise * 512.0 / lens.to(f_in.dtype)                              # per sequence
