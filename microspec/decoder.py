@@ -106,7 +106,7 @@ class SpecDecoder:
         self.policy = policy
         self.K = num_speculative_tokens
         self.prefill_chunk = prefill_chunk
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.compile = cuda_graph, compile
         self.target = model_backend(target, backend, compile=compile)
         mode = "dense" if isinstance(policy, FullVocab) else head_mode
         if feature_drafter:  # EAGLE-style: drafts from the target's features through the target's own head
@@ -126,7 +126,8 @@ class SpecDecoder:
 
     def parts(self) -> EngineParts:
         """The engine's view of this decoder (what `new_run` hands to `DecodeRun`)."""
-        return EngineParts(self.target, self.proposer, self.policy, self.vocab_size, self.prefill_chunk)
+        return EngineParts(self.target, self.proposer, self.policy, self.vocab_size, self.prefill_chunk,
+                           compile=self.compile)
 
     # ------------------------------------------------------------------ input handling (host side)
     def _special_ids(self, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN) -> tuple[list[int], int]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .compiling import compiled
 from .drafting.base import Commit, DraftRequest, Drafts, Proposer
 from .models.base import ModelBackend
 from .outputs import GenerateOutput, SpecStats
@@ -40,7 +41,8 @@ from .verification import Verdict, verify
 class EngineParts:
     """What a run is made of. vocab_size: ids the policy may hold (the shared vocabulary, <= the target's).
     verifier: decides what a block commits (swap it to impose acceptance, as `benchmarks/bench_e2e.py`
-    does)."""
+    does). compile: run the policy's per-step updates through `microspec.compiling.compiled` (a tree step's
+    in-context update is ~150 small ops)."""
 
     target: ModelBackend
     proposer: Proposer
@@ -48,6 +50,7 @@ class EngineParts:
     vocab_size: int
     prefill_chunk: int = 512
     verifier: Callable[..., Verdict] = verify   # `microspec.verification.verify`'s signature
+    compile: bool | str = False
 
     @property
     def target_vocab_size(self) -> int:
@@ -86,6 +89,10 @@ class DecodeRun:
     def __init__(self, parts: EngineParts, input_ids: Tensor, mask: Tensor, max_new: int, cfg: SamplingConfig,
                  eos: list[int], generator=None, *, cuda_graph: bool = False, observers=(), streamer=None):
         self.parts, self.policy, self.proposer = parts, parts.policy, parts.proposer
+        # The per-step policy updates, compiled (the prefill's are host-driven, once per request); uncompiled,
+        # the policy's methods are looked up at each call.
+        updates = (parts.policy.on_block, parts.policy.on_commit)
+        self._compiled_updates = tuple(compiled(f, parts.compile) for f in updates) if parts.compile else None
         self.target = parts.target
         self.cfg, self.max_new, self.generator = cfg, max_new, generator
         self.observers, self.streamer = list(observers), streamer
@@ -270,14 +277,15 @@ class DecodeRun:
         elif k:
             at_path = shared_logits.gather(1, path.unsqueeze(-1).expand(-1, -1, parts.vocab_size))
             topk = torch.topk(at_path, k, dim=-1).indices                                # [B, M, k]
+        on_block, on_commit = self._compiled_updates or (policy.on_block, policy.on_commit)
         if policy.wants_block:
             block_mask = torch.cat([live.unsqueeze(1), drafts.valid & live.unsqueeze(1)], 1)
             block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)
-            policy.on_block(block, block_mask & (block < parts.vocab_size), block_topk)
+            on_block(block, block_mask & (block < parts.vocab_size), block_topk)
         newest = None
         if self.policy.wants_hidden:  # newest position whose input is committed
             newest = _pick(hidden, path.gather(1, (n_commit - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
-        self.policy.on_commit(verdict.tokens, mask & (verdict.tokens < parts.vocab_size), topk, hidden=newest)
+        on_commit(verdict.tokens, mask & (verdict.tokens < parts.vocab_size), topk, hidden=newest)
         self.proposer.observe(Commit(n.clone(), verdict.tokens, n_commit, mask, path,
                                      hidden if self.proposer.wants_target_hidden else None))
         self.done |= (is_eos & mask).any(1) | (self.generated + n_commit >= self.max_new)

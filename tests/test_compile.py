@@ -71,3 +71,26 @@ def test_sparse_head_compiles_once_and_follows_the_set(mode, shared):
         torch.testing.assert_close(out[live.expand_as(out)], expected.expand_as(out)[live.expand_as(out)])
         assert torch.isneginf(out[~live.expand_as(out)]).all()
         policy.on_commit(ids, mask, topk)
+
+
+def test_tree_builder_compiles_once_per_depth_and_equals_eager():
+    """Compiled `TreeBuilder` (what `SpecDecoder(compile=True)` drafts trees with): the same drafts as the
+    eager builder, one graph per depth on the first tree and no recompilation on later trees."""
+    from microspec.drafting.tree import TreeBuilder, TreeSpec
+    spec, B, C = TreeSpec(top_k=4, depth=4, total_tokens=14), 2, 40
+    eager, compiled = TreeBuilder(spec), TreeBuilder(spec, compile=BACKEND)
+    ids = torch.randperm(C, device=DEVICE).unsqueeze(0)
+
+    def build(builder, g):
+        state = builder.root(torch.randn(B, C, generator=g).log_softmax(-1).to(DEVICE), ids)
+        for _ in range(spec.depth - 1):
+            logp = torch.randn(B, spec.top_k, C, generator=g).log_softmax(-1)
+            state = builder.expand(state, logp.to(DEVICE))
+        return builder.finish(state)
+
+    for seed in range(3):
+        with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+            got = build(compiled, torch.Generator().manual_seed(seed))
+        want = build(eager, torch.Generator().manual_seed(seed))
+        for field in ("tokens", "parents", "depth", "valid", "slots", "tree_mask"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field

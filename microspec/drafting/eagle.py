@@ -199,7 +199,7 @@ class EagleDrafter(nn.Module):
         if not self._view:                     # one view per drafter: its proposers share compiled graphs
             self._view.append(self.as_causal_lm())
         runner = model_backend(self._view[0], backend, compile=compile)
-        return EagleProposer(self, runner, num_speculative_tokens, head=head, tree=tree)
+        return EagleProposer(self, runner, num_speculative_tokens, head=head, tree=tree, compile=compile)
 
     # ------------------------------------------------------------------ checkpoints
     def config_dict(self) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..compiling import compiled
 from ..sampling import draft_sample
 from ..sparse_head import SparseLMHead
 from .base import Commit, DraftRequest, Drafts
@@ -65,13 +66,14 @@ class EagleProposer:
 
     def __init__(self, drafter: EagleDrafter, backend, num_speculative_tokens: int,
                  head: SparseLMHead | None = None, head_mode: str = "repack", async_gather: bool = False,
-                 tree: TreeSpec | None = None):
+                 tree: TreeSpec | None = None, compile: bool | str = False):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}")
         if tree is not None and not isinstance(tree, TreeSpec):
             raise TypeError(f"tree must be a microspec.drafting.tree.TreeSpec, got {type(tree).__name__}")
         self.drafter, self.backend, self.tree = drafter, backend, tree
-        self.builder = TreeBuilder(tree) if tree is not None else None
+        self.builder = TreeBuilder(tree, compile=compile) if tree is not None else None
+        self._level_logp = compiled(_level_logp, compile if tree is not None else False)
         self.max_K = self.K = num_speculative_tokens
         self.head = head if head is not None else SparseLMHead(drafter.head_weight, mode=head_mode,
                                                                async_gather=async_gather)
@@ -195,7 +197,7 @@ class EagleProposer:
         """EAGLE-2's dynamic tree (see the module docstring)."""
         B, D, k = self.B, self.drafter.hidden_size, self.tree.top_k
         ids = request.active_ids
-        logp = torch.log_softmax(self._logits(h, request.n_active)[:, 0].float(), dim=-1)    # [B, C]
+        logp = self._tree_logp(h, request.n_active)[:, 0]                               # [B, C]
         state = self.builder.root(logp, ids)
         parent_h = h.expand(B, k, D)                                                    # the root's g
         offsets = torch.arange(k, device=h.device)
@@ -205,7 +207,7 @@ class EagleProposer:
             slots = first_slot.unsqueeze(1) + (d - 1) * k + offsets
             out = self.run_layer(state.tokens, feats, pos, slots=slots, tree_mask=state.mask,
                                  tree_start=first_slot)                                 # [B, k, D]
-            logp = torch.log_softmax(self._logits(out, request.n_active).float(), dim=-1)    # [B, k, C]
+            logp = self._tree_logp(out, request.n_active)                              # [B, k, C]
             state = self.builder.expand(state, logp)
             parent_h = out
         return self.builder.finish(state)
@@ -233,9 +235,23 @@ class EagleProposer:
         return self.backend.forward(tokens, positions, slots=slots, tree_mask=tree_mask,
                                     tree_start=tree_start, embeds=embeds, eager=eager)
 
+    def _tree_logp(self, h: Tensor, n_active: Tensor) -> Tensor:
+        """[B, W, D] -> float32 log-probs over the bound set [B, W, C] (padding slots -inf)."""
+        logp, nan = self._level_logp(self.backend.logits(h, head=self.head), n_active)
+        self.nan_seen |= nan
+        return logp
+
     def _logits(self, h: Tensor, n_active: Tensor) -> Tensor:
         """[B, W, D] -> [B, W, C] over the bound set; padding slots -inf (after any logit transform)."""
         logits = self.backend.logits(h, head=self.head)                                 # [B, W, C]
         self.nan_seen |= torch.isnan(logits).any()
         pad = torch.arange(logits.shape[-1], device=logits.device) >= n_active.view(-1, 1, 1)
         return logits.masked_fill(pad, float("-inf"))
+
+
+def _level_logp(logits: Tensor, n_active: Tensor) -> tuple[Tensor, Tensor]:
+    """logits [B, W, C] over slots, n_active [R] -> (float32 log_softmax with slots >= n_active at -inf,
+    bool [] whether a NaN was seen): one tree level's masking, one fused kernel when compiled."""
+    nan = torch.isnan(logits).any()
+    pad = torch.arange(logits.shape[-1], device=logits.device) >= n_active.view(-1, 1, 1)
+    return torch.log_softmax(logits.float().masked_fill(pad, float("-inf")), dim=-1), nan

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..compiling import compiled
 from .base import Drafts
 
 
@@ -150,8 +151,15 @@ class TreeBuilder:
     ([[7, 8, 8]], [[0, 0, 1]], [[1, 1, 2]])
     """
 
-    def __init__(self, spec: TreeSpec):
+    def __init__(self, spec: TreeSpec, compile: bool | str = False):
+        """compile: run `root`, `expand` and `finish` through `torch.compile(fullgraph=True, dynamic=False)`
+        (a string names the backend, e.g. "aot_eager"): each is ~30 small ops (top-k, gathers, a sort, masks)
+        that Inductor fuses into a few kernels, and inside a CUDA graph each kernel costs a few us whatever
+        its size. One graph per depth (the candidate arrays grow), compiled on the first tree."""
         self.spec = spec
+        if compile:
+            self.root, self.expand, self.finish = (compiled(f, compile)
+                                                   for f in (self.root, self.expand, self.finish))
 
     def root(self, logp: Tensor, slot_ids: Tensor) -> TreeState:
         """The depth-1 frontier from the drafter's log-probs over slots at the root.

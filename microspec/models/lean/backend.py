@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ...compiling import compiled
 from ..base import apply_logit_transform, visible_slots
 from .cache import StaticKVCache
 from .layers import fold_mask, run_block
@@ -55,10 +56,7 @@ class LeanCausalLM:
         self.rope: dict[str, tuple[Tensor, Tensor]] = {}      # kind -> cos, sin [S, Dh]
         self.tapped: tuple[Tensor, ...] = ()
         if compile:
-            options = dict(dynamic=False, fullgraph=True)
-            if isinstance(compile, str):
-                options["backend"] = compile
-            self._compiled = (torch.compile(self._prologue, **options), torch.compile(run_block, **options))
+            self._compiled = (compiled(self._prologue, compile), compiled(run_block, compile))
             # Dynamo's recompile limit counts per code object, and `run_block` is shared by every lean backend
             # (targets, drafters, each decode shape); past the limit it would silently run eagerly.
             config = torch._dynamo.config
@@ -128,8 +126,8 @@ class LeanCausalLM:
             for i, blk in enumerate(lean.blocks):
                 if i in taps:
                     kept[i] = x
-                x, h = block(blk, x, h, *rope[blk.kind], masks[blk.kind], cache.keys[i], cache.values[i],
-                             cache.rows, slots)
+                x, h = block(blk, x, h, *rope[blk.kind], masks[blk.kind], cache.layer(i), cache.rows,
+                             slots)
         kept["final"] = h
         self.tapped = tuple(kept[tap] for tap in taps)
         return h

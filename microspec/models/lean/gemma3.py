@@ -48,10 +48,10 @@ class Gemma3Block(DecoderBlock):
     def qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return rms_norm_scaled_f32(q, self.q_scale, self.eps), rms_norm_scaled_f32(k, self.k_scale, self.eps)
 
-    def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,
-                v_cache: Tensor, rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: Tensor,
+                rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         eps = self.eps
-        a = self.attention(h, cos, sin, mask, k_cache, v_cache, rows, slots)
+        a = self.attention(h, cos, sin, mask, kv, rows, slots)
         x = x + rms_norm_scaled_f32(a, self.ln_post_attn, eps)
         m = self.mlp(rms_norm_scaled_f32(x, self.ln_pre_mlp, eps))
         x = x + rms_norm_scaled_f32(m, self.ln_post_mlp, eps)

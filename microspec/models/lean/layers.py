@@ -1,8 +1,8 @@
 """The pieces every lean family shares: RMS norms, rotary embedding, attention over the static cache, and a
 decoder block with fused projections.
 
-Shapes: x [B, T, D] residual stream; q [B, T, Hq, Dh], k/v [B, T, Hkv, Dh]; caches [B, Hkv, S, Dh];
-cos/sin [B, T, 1, Dh]; masks [B, 1, G*T, S] additive (G = Hq // Hkv, see `fold_mask`).
+Shapes: x [B, T, D] residual stream; q [B, T, Hq, Dh], k/v [B, T, Hkv, Dh]; a layer's cache kv
+[2, B, Hkv, S, Dh]; cos/sin [B, T, 1, Dh]; masks [B, 1, G*T, S] additive (G = Hq // Hkv, see `fold_mask`).
 
 The arithmetic follows transformers operation for operation (norms in float32, rotate-half RoPE, the same
 activation functions), so float64 runs agree with the Hugging Face model to rounding.
@@ -67,26 +67,45 @@ def fold_mask(visible: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     return torch.zeros(folded.shape, dtype=dtype, device=visible.device).masked_fill_(~folded, float("-inf"))
 
 
-def write_kv(cache: Tensor, rows: Tensor, slots: Tensor, new: Tensor) -> None:
-    """cache [B, Hkv, S, Dh][rows, :, slots] = new [B, T, Hkv, Dh], in place (rows [B, 1], slots [B, T]).
+def write_kv(kv: Tensor, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """kv [2, B, Hkv, S, Dh][:, rows, :, slots] = (k, v) [B, T, Hkv, Dh] each, in place (rows [B, 1], slots
+    [B, T]).
 
-    An `index_put_` at device-side indices: no host sync, static shapes, and the new K/V go in straight from
-    the projection layout (no transpose)."""
-    cache[rows, :, slots] = new
+    One `index_put_` at device-side indices into the layer's buffer itself (not into a K or V view of it,
+    which a compiled graph would scatter back through the whole buffer): no host sync, static shapes, and
+    the new K/V go in straight from the projection layout (no transpose)."""
+    which = torch.arange(2, device=kv.device).view(2, 1, 1)
+    kv[which, rows, :, slots] = torch.stack((k, v))
+
+
+# Folded query rows (G*T) up to which `attend` computes attention as two GEMMs and a softmax: decode steps,
+# tree verification and drafter calls. Past it (prefill chunks) SDPA's fused kernels, which never hold the
+# [G*T, S] score matrix.
+MATH_MAX_ROWS = 512
 
 
 def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Grouped-query attention of q [B, T, Hq, Dh] over the whole cache [B, Hkv, S, Dh] -> [B, T, Hq * Dh].
 
     GQA without repeating K/V: the G query heads that share a KV head are folded into the query length
-    ([B, Hkv, G*T, Dh]), so every SDPA backend that takes a mask (memory-efficient on CUDA, the CPU kernels)
-    runs it, and each KV head is read once per group rather than G times.
+    ([B, Hkv, G*T, Dh]), and each KV head is read once per group rather than G times.
+
+    Decode-shaped calls (G*T <= MATH_MAX_ROWS) compute fp32 scores q k^T * scale + mask, a softmax, and p v
+    (p in the cache dtype, as fused attention kernels round it): the fused SDPA kernels give each
+    (row, KV head) one thread block, i.e. one to three of the H200's 132 SMs at batch 1, and take time
+    proportional to S (Gemma-3-270M, S = 1344: 79 us per layer with cuDNN, 11 us as GEMMs compiled by
+    Inductor; `benchmarks/bench_attention.py`).
     """
     B, T, Hq, Dh = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     qf = q.view(B, T, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
-    out = F.scaled_dot_product_attention(qf, k_cache, v_cache, attn_mask=mask, scale=scale)   # [B,Hkv,G*T,Dh]
+    if G * T <= MATH_MAX_ROWS:
+        f = torch.promote_types(q.dtype, torch.float32)                                # float64 stays float64
+        scores = torch.matmul(qf.to(f), k_cache.to(f).transpose(-1, -2)) * scale + mask  # [B, Hkv, G*T, S]
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(v_cache.dtype), v_cache)
+    else:
+        out = F.scaled_dot_product_attention(qf, k_cache, v_cache, attn_mask=mask, scale=scale)
     return out.view(B, Hkv, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * Dh)
 
 
@@ -145,8 +164,8 @@ class DecoderBlock(nn.Module):
     def qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return q, k
 
-    def attention(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
-                  rows: Tensor, slots: Tensor) -> Tensor:
+    def attention(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: Tensor, rows: Tensor,
+                  slots: Tensor) -> Tensor:
         """Normed input h [B, T, D] -> attention output after o_proj [B, T, D]; writes K/V at `slots`."""
         B, T, _ = h.shape
         q, k, v = F.linear(h, self.wqkv, self.bqkv).split(self.split, dim=-1)
@@ -155,9 +174,8 @@ class DecoderBlock(nn.Module):
         v = v.view(B, T, self.kv_heads, self.head_dim)
         q, k = self.qk_norm(q, k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(k_cache, rows, slots, k)
-        write_kv(v_cache, rows, slots, v)
-        return F.linear(attend(q, k_cache, v_cache, mask, self.scale), self.wo, self.bo)
+        write_kv(kv, rows, slots, k, v)
+        return F.linear(attend(q, kv[0], kv[1], mask, self.scale), self.wo, self.bo)
 
     def mlp(self, h: Tensor) -> Tensor:
         """Normed input h [B, T, D] -> down_proj(act(gate) * up) [B, T, D], gate and up in one GEMM."""
@@ -166,8 +184,8 @@ class DecoderBlock(nn.Module):
 
 
 def run_block(block: DecoderBlock, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-              k_cache: Tensor, v_cache: Tensor, rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-    """One layer: (x, h) [B, T, D] each -> (x', next norm of x'). The unit `torch.compile` compiles: every
-    block of a family has the same code and shapes, so one graph serves all layers (compile time of one layer,
-    not of the whole model)."""
-    return block(x, h, cos, sin, mask, k_cache, v_cache, rows, slots)
+              kv: Tensor, rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer: (x, h) [B, T, D] each -> (x', next norm of x'); kv [2, B, Hkv, S, Dh] is the layer's cache
+    (K, V). The unit `torch.compile` compiles: every block of a family has the same code and shapes, so one
+    graph serves all layers (compile time of one layer, not of the whole model)."""
+    return block(x, h, cos, sin, mask, kv, rows, slots)

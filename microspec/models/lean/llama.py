@@ -26,9 +26,9 @@ class LlamaBlock(DecoderBlock):
         self.register_buffer("ln_mid", norm_weight(layer.post_attention_layernorm), persistent=False)
         self.eps = config.rms_norm_eps
 
-    def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,
-                v_cache: Tensor, rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        x = x + self.attention(h, cos, sin, mask, k_cache, v_cache, rows, slots)
+    def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: Tensor,
+                rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        x = x + self.attention(h, cos, sin, mask, kv, rows, slots)
         x = x + self.mlp(rms_norm(x, self.ln_mid, self.eps))
         return x, rms_norm(x, self.ln_next, self.eps)
 
