@@ -11,6 +11,8 @@ replay, so launch gaps count as they do in a decode step:
     sdpa-mem    the same, memory-efficient backend forced
     math        explicit: fp32 scores = q k^T * scale + mask, softmax, p v (Inductor: two GEMMs + a fused
                 softmax, spread over many thread blocks)
+    lean        what the lean layers call (`microspec.models.lean.layers.attend`): as math, scores in the
+                model dtype (transformers' eager attention), float32 softmax
     flex        FlexAttention with the mask as a score_mod (its decoding kernel splits the keys)
 
     python benchmarks/bench_attention.py --out DIR          # H200
@@ -47,6 +49,13 @@ def math(qf, k, v, mask, scale):
     return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
 
 
+def lean(qf, k, v, mask, scale):
+    from microspec.models.lean.layers import attend
+    B, Hkv, GT, Dh = qf.shape          # one query head per KV head (G = 1): attend's own folding is a no-op
+    q = qf.transpose(1, 2)                                                      # [B, T, Hq, Dh]
+    return attend(q, k, v, mask, scale).view(B, GT, Hkv, Dh).transpose(1, 2)
+
+
 def flex(qf, k, v, mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -55,7 +64,7 @@ def flex(qf, k, v, mask, scale):
     return flex_attention(qf, k, v, score_mod=add_mask, scale=scale)
 
 
-VARIANTS = {"sdpa": sdpa, "sdpa-mem": sdpa_mem, "math": math, "flex": flex}
+VARIANTS = {"sdpa": sdpa, "sdpa-mem": sdpa_mem, "math": math, "flex": flex, "lean": lean}
 
 
 def inputs(B, T, geometry, S, device, dtype, layers):

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
+from . import step_ops
 from .compiling import compiled
 from .drafting.base import Commit, DraftRequest, Drafts, Proposer
 from .models.base import ModelBackend
@@ -93,6 +95,8 @@ class DecodeRun:
         # the policy's methods are looked up at each call.
         updates = (parts.policy.on_block, parts.policy.on_commit)
         self._compiled_updates = tuple(compiled(f, parts.compile) for f in updates) if parts.compile else None
+        self.ops = SimpleNamespace(**{name: compiled(getattr(step_ops, name), parts.compile)
+                                      for name in step_ops.OPS})
         self.target = parts.target
         self.cfg, self.max_new, self.generator = cfg, max_new, generator
         self.observers, self.streamer = list(observers), streamer
@@ -112,6 +116,7 @@ class DecodeRun:
         self.n = self.lengths.clone()
         self.generated = torch.zeros(B, dtype=torch.long, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.max_new_t = torch.tensor(max_new, device=dev)         # a tensor: compiled ops do not specialise
         self.eos = torch.tensor(eos, dtype=torch.long, device=dev)
         self.block = torch.arange(N + 1, device=dev)                                    # [N+1]
         # The target's bad-logit flag (NaN, or what sampling cannot draw from); the drafter keeps its own.
@@ -229,10 +234,9 @@ class DecodeRun:
             self.proposer.head.refresh()
         drafts = self.proposer.propose(DraftRequest(self.tokens, n, ids, n_act, self.cfg,
                                                     self.draft_noise if self.cfg.do_sample else None))
-        block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)   # [B, N+1]
-        depth = torch.cat([torch.zeros_like(n).unsqueeze(1), drafts.depth], 1)
-        hidden = self.target.forward(block, (n - 1).unsqueeze(1) + depth, (n - 1).unsqueeze(1) + self.block,
-                                     tree_mask=drafts.tree_mask)                         # [B, N+1, D]
+        block, positions, slots = self.ops.block_inputs(self.tokens, n, drafts.tokens, drafts.depth,
+                                                        self.block)                      # [B, N+1] each
+        hidden = self.target.forward(block, positions, slots, tree_mask=drafts.tree_mask)   # [B, N+1, D]
         t_logits = self.target.logits(hidden)                                            # [B, N+1, V]
         noise = (self.uniforms, self.next_noise) if self.cfg.do_sample else (None, None)
         verdict = self.parts.verifier(drafts, t_logits, ids, self.cfg, *noise)
@@ -240,9 +244,8 @@ class DecodeRun:
             self.B, -1)                                                                  # [B, M]
         # Raise at the end (no sync here) where a committed token came from logits transformers refuses:
         # NaN, or when sampling +inf / no finite logit (torch.multinomial raises on those).
-        used = self.block[: path.shape[1]] <= verdict.n_accepted.unsqueeze(1)            # [B, M]
-        bad = invalid_rows(t_logits, self.cfg).gather(1, path)                           # [B, M]
-        self.nan_seen[0] |= (bad & used & ~self.done.unsqueeze(1)).any()
+        self.nan_seen[0] |= self.ops.committed_bad(t_logits, self.cfg, path, verdict.n_accepted, self.done,
+                                                   self.block)
         if not drafts.is_chain:  # the accepted nodes' K/V move to the slots their positions own
             base = (n - 1).unsqueeze(1)
             self.target.move_kv(base + path, base + self.block[: path.shape[1]])
@@ -251,23 +254,19 @@ class DecodeRun:
     def _commit(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor, hidden: Tensor,
                 ids: Tensor, n_act: Tensor) -> None:
         """Cut at the first EOS and at the token budget; finished rows commit nothing."""
-        n, M, parts = self.n, verdict.tokens.shape[1], self.parts
-        steps = self.block[:M]
-        live = ~self.done
-        n_commit = verdict.n_accepted + 1
-        is_eos = torch.isin(verdict.tokens, self.eos) & (steps < n_commit.unsqueeze(1))
-        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), M)
-        n_commit = torch.minimum(torch.minimum(n_commit, first_eos + 1), self.max_new - self.generated) * live
-        mask = steps < n_commit.unsqueeze(1)                                             # [B, M]
-        self.tokens.scatter_(1, n.unsqueeze(1) + steps, verdict.tokens)
+        n, parts, ops = self.n, self.parts, self.ops
+        live, n_commit, mask, is_eos = ops.cut_and_write(self.tokens, n, self.done, self.generated, self.eos,
+                                                         self.max_new_t, self.block, verdict.tokens,
+                                                         verdict.n_accepted)             # mask [B, M]
         # Account before the policy update: `ids` / `n_act` are the policy's live buffers.
         if self.N:
-            in_set = (verdict.tokens.unsqueeze(-1) == ids.expand(self.B, -1).unsqueeze(1)).any(-1)   # [B, M]
+            in_set = ops.in_active_set(verdict.tokens, ids)                             # [B, M]
         else:  # plain decoding: nothing was drafted, so there is no set to miss
             in_set = torch.ones_like(verdict.tokens, dtype=torch.bool)
         record = StepRecord(live, verdict.n_accepted, n_commit, verdict.tokens, mask, in_set,
                             n_act.expand(self.B).clone())                # the policy updates n_act below
-        self._account(record)
+        ops.account(self.stats, self.histogram, live, verdict.n_accepted, n_commit, in_set, mask,
+                    record.n_active)
         k, policy = self.policy.target_topk, self.policy
         shared_logits = t_logits[..., : parts.vocab_size]          # the policy cannot hold target-only ids
         block_topk = torch.topk(shared_logits, k, dim=-1).indices if k and policy.wants_block else None
@@ -288,22 +287,11 @@ class DecodeRun:
         on_commit(verdict.tokens, mask & (verdict.tokens < parts.vocab_size), topk, hidden=newest)
         self.proposer.observe(Commit(n.clone(), verdict.tokens, n_commit, mask, path,
                                      hidden if self.proposer.wants_target_hidden else None))
-        self.done |= (is_eos & mask).any(1) | (self.generated + n_commit >= self.max_new)
-        self.n.add_(n_commit)
-        self.generated.add_(n_commit)
+        ops.advance(self.n, self.generated, self.done, n_commit, is_eos, mask, self.max_new_t)
         for observer in self.observers:
             observer(record)
         if self.streamer is not None:
             self.streamer.put(verdict.tokens[0][mask[0]].cpu())
-
-    def _account(self, r: StepRecord) -> None:
-        s = self.stats
-        s["row_steps"] += r.live.sum()
-        s["accepted"] += (r.n_accepted * r.live).sum()
-        s["committed"] += r.n_commit.sum()
-        s["covered"] += (r.in_set & r.mask).sum()
-        s["active"] += (r.n_active * r.live).sum()
-        self.histogram.scatter_add_(0, r.n_accepted, r.live.long())
 
     # ------------------------------------------------------------------ driver (host side)
     def capture(self) -> None:

@@ -90,20 +90,21 @@ def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, scale: flo
     GQA without repeating K/V: the G query heads that share a KV head are folded into the query length
     ([B, Hkv, G*T, Dh]), and each KV head is read once per group rather than G times.
 
-    Decode-shaped calls (G*T <= MATH_MAX_ROWS) compute fp32 scores q k^T * scale + mask, a softmax, and p v
-    (p in the cache dtype, as fused attention kernels round it): the fused SDPA kernels give each
-    (row, KV head) one thread block, i.e. one to three of the H200's 132 SMs at batch 1, and take time
-    proportional to S (Gemma-3-270M, S = 1344: 79 us per layer with cuDNN, 11 us as GEMMs compiled by
-    Inductor; `benchmarks/bench_attention.py`).
+    Decode-shaped calls (G*T <= MATH_MAX_ROWS) compute attention as transformers' eager path does: scores
+    q k^T in the model dtype, scaled, plus the mask, a float32 softmax cast back, then p v. The fused SDPA
+    kernels give each (batch row, KV head) one thread block, i.e. one to three of the H200's 132 SMs at
+    batch 1, and take time proportional to S (Gemma-3-270M, S = 1344: 79 us per layer with cuDNN, 11 us as
+    GEMMs compiled by Inductor with float32 scores; `benchmarks/bench_attention.py`); model-dtype scores
+    skip the cache's float32 copy and use tensor cores.
     """
     B, T, Hq, Dh = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     qf = q.view(B, T, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
     if G * T <= MATH_MAX_ROWS:
-        f = torch.promote_types(q.dtype, torch.float32)                                # float64 stays float64
-        scores = torch.matmul(qf.to(f), k_cache.to(f).transpose(-1, -2)) * scale + mask  # [B, Hkv, G*T, S]
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(v_cache.dtype), v_cache)
+        scores = torch.matmul(qf, k_cache.transpose(-1, -2)) * scale + mask             # [B, Hkv, G*T, S]
+        f = torch.promote_types(scores.dtype, torch.float32)                           # float64 stays
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=f).to(v_cache.dtype), v_cache)
     else:
         out = F.scaled_dot_product_attention(qf, k_cache, v_cache, attn_mask=mask, scale=scale)
     return out.view(B, Hkv, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * Dh)
