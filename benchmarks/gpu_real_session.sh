@@ -8,7 +8,8 @@
 #   train NAME FILE ARGS..  `microspec train-drafter` in the background (setsid: it outlives the call)
 #   wait SECONDS            until every training has exited (or SECONDS passed); log tails
 #   collect                 trained heads and logs into $OUT (they come back with the call)
-#   e2e NAME FILE ARGS..    benchmarks/real_e2e.py run, JSON + log into $OUT
+#   e2e NAME FILE ARGS..    benchmarks/real_e2e.py run (head: /tmp/m/eagle-NAME if trained here, else
+#                           checkpoints/eagle-NAME), JSON + log into $OUT
 # Chunks: `split -b 51m FILE .carry/DIR/part` here; .carry/ and .whl/ are git-ignored.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +38,10 @@ case "$step" in
   collect)
     for d in /tmp/m/eagle-*; do [ -d "$d" ] && cp -r "$d" "$OUT/"; done
     cp /tmp/m/train-*.log "$OUT/" 2>/dev/null; ls -R "$OUT" | head -30 ;;
-  e2e)
+  e2e)   # the head trained in this session, else the committed one
     name="$1"; file="$2"; shift 2
-    python3 benchmarks/real_e2e.py run --model "/tmp/m/$file" --name "$name" --eagle "/tmp/m/eagle-$name" \
+    eagle="/tmp/m/eagle-$name"; [ -d "$eagle" ] || eagle="checkpoints/eagle-$name"
+    python3 benchmarks/real_e2e.py run --model "/tmp/m/$file" --name "$name" --eagle "$eagle" \
       --out "$OUT" "$@" 2>&1 | grep -v "Convert\|Loading\|warn" | tee "$OUT/e2e-$name.log" | tail -40 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -140,6 +140,7 @@ def run_spec(dec, ids, mask, new, do_sample, eos, pad, seed):
 def part_times(dec, run) -> dict:
     """Draft (head refresh + proposer) and policy-update microseconds per step, from graph replays on the
     finished run's state; the rest of a step (target forward, verification, commit) is step - both."""
+    from microspec.compiling import compiled
     from microspec.drafting.base import DraftRequest
     ids, n_act = dec.policy.active()
     req = DraftRequest(run.tokens, run.n, ids, n_act, run.cfg, getattr(run, "draft_noise", None))
@@ -153,7 +154,8 @@ def part_times(dec, run) -> dict:
     mask = torch.ones_like(tokens, dtype=torch.bool)
     topk = torch.randint(0, dec.vocab_size, (run.B, M, k), device=run.device) if k else None
     saved = [t.clone() for t in (ids, n_act)]
-    out["policy_us"] = time_us_rotating([lambda: dec.policy.on_commit(tokens, mask, topk)], calls=8, reps=5)
+    on_commit = compiled(dec.policy.on_commit, dec.compile)       # as the engine runs it
+    out["policy_us"] = time_us_rotating([lambda: on_commit(tokens, mask, topk)], calls=8, reps=5)
     ids.copy_(saved[0]), n_act.copy_(saved[1])
     return out
 
