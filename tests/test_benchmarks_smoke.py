@@ -44,17 +44,14 @@ def test_e2e_script_replays_eval_traces(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_real_e2e_run_smoke(tmp_path):
+def test_real_e2e_run_smoke(tmp_path, smollm2_gguf):
     """`real_e2e.py run` on the real SmolLM2 weights with a random EAGLE head (float32, greedy, one prompt):
     every method writes a row, and the speculative rows equal plain greedy decoding."""
     from microspec.drafting.eagle import EagleDrafter
-    from microspec.models import find_smollm2, load_gguf
-    weights = find_smollm2(download=False)
-    if weights is None:
-        pytest.skip("SmolLM2 weights not found")
+    weights = smollm2_gguf.path
     if not (ROOT / "benchmarks" / "real_e2e" / "smollm2.pt").is_file():
         pytest.skip("no prepared prompts (benchmarks/real_e2e.py prepare --model smollm2 --name smollm2)")
-    target, _ = load_gguf(weights, torch.float32)
+    target, _ = smollm2_gguf.load(torch.float32)
     EagleDrafter.from_target(target, seed=0).save_pretrained(tmp_path / "eagle")
     del target
     env = {**os.environ, "OMP_NUM_THREADS": "1"}    # a busy shared CPU: 2 spinning threads run ~30x slower

@@ -22,8 +22,7 @@ def test_demo_falls_back_to_a_tiny_random_model_and_says_so(monkeypatch, capsys)
     assert rc == 0 and "All outputs equal plain greedy decoding." in out
 
 
-@pytest.mark.skipif(models.find_smollm2(download=False) is None, reason="SmolLM2 weights not found")
-def test_demo_on_real_weights_equals_plain_greedy(capsys):
+def test_demo_on_real_weights_equals_plain_greedy(smollm2_gguf, capsys):
     # the in-context policy needs no frequency table, so CI does not count the fitting corpora here
     rc = main(["demo", "--max-new-tokens", "8", "--prompts", "1", "--policy", "incontext"])
     out = capsys.readouterr().out

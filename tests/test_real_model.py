@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from microspec import SpecDecoder
-from microspec.models import early_exit_drafter, find_smollm2, load_gguf
+from microspec.models import early_exit_drafter
 from microspec.policies import InContextPolicy
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -15,12 +15,8 @@ PROMPTS = ["What is the capital of France? Answer in one sentence.",
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = find_smollm2(download=False)
-    if path is None:
-        pytest.skip("../shared/models (SmolLM2) not present")
-    pytest.importorskip("gguf")
-    model, tokenizer = load_gguf(path, dtype=torch.float64)
+def smollm2(smollm2_gguf):
+    model, tokenizer = smollm2_gguf.load(torch.float64)
     rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                           tokenize=False) for p in PROMPTS]
     enc = [tokenizer.encode(r, add_special_tokens=False) for r in rows]

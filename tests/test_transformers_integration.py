@@ -11,7 +11,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from microspec import SpecDecoder
 from microspec.integrations import SpecGenerateOutput, microspec_generate
-from microspec.models import early_exit_drafter, find_smollm2, tiny_random_model
+from microspec.models import early_exit_drafter, tiny_random_model
 from microspec.policies import FullVocab, InContextPolicy
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
@@ -114,10 +114,8 @@ def test_options_microspec_does_not_apply_raise(tiny, option):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_docs_example_runs_and_greedy_equals_spec_decoder_on_smollm2():
-    if find_smollm2(download=False) is None:
-        pytest.skip("SmolLM2 weights not found (../shared/models or the cache)")
-    pytest.importorskip("gguf")
+def test_docs_example_runs_and_greedy_equals_spec_decoder_on_smollm2(smollm2_gguf):
+    """The example loads the weights itself (as a reader would); the fixture skips where they are absent."""
     code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
     scope: dict = {}
     exec(compile(code, str(DOC), "exec"), scope)     # the example asserts equality with plain generate itself

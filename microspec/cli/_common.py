@@ -1,4 +1,5 @@
-"""Argument helpers shared by the commands: model choice, drafter choice, policy construction."""
+"""Argument helpers shared by the commands: model choice, drafter choice, policy construction (through the
+label grammar of `microspec.lab.policy_labels`; the CLI is front end, so it may import the lab)."""
 from __future__ import annotations
 
 import argparse
@@ -101,67 +102,74 @@ def tree_spec(args):
 
 
 def frequency_ranking(args, tokenizer, vocab_size: int):
-    """Token ids ranked by count over the answers shipped with the package (`microspec.assets`, disjoint from
-    the demo prompts), counted with the model's own tokenizer; ids beyond the model's head are dropped. Needs
-    no `../shared` data, so the demo runs the same after `pip install` as in a checkout."""
+    """Token ids most frequent first, for the static and core policies: --token-map when given, else a count
+    over the answers shipped with the package (`microspec.assets`, disjoint from the demo prompts) with the
+    model's own tokenizer, ids beyond the model's head dropped (needs no `../shared` data, so the demo runs
+    the same after `pip install` as in a checkout); without a tokenizer (the tiny fallback model): id
+    order."""
+    if args.token_map:
+        from microspec.policies import load_token_map
+        return load_token_map(args.token_map)
+    if tokenizer is None:
+        return torch.arange(vocab_size)
     from microspec.assets import demo_ranking
     return demo_ranking(tokenizer, vocab_size)
 
 
+POLICY_NAMES = ("full", "static", "incontext", "incontext+core", "cluster")   # --policy: name@--capacity
+
+
+def policy_label(name: str, capacity: int) -> str:
+    """A --policy name at --capacity -> its label in `microspec.lab.policy_labels` (also its row name)."""
+    return name if name == "full" else f"{name}@{capacity}"
+
+
+def policy_names(text: str) -> list[str]:
+    """--policy (a comma list of `POLICY_NAMES`) -> the names; anything else raises a one-line ValueError."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in POLICY_NAMES]
+    if not names or bad:
+        raise ValueError(f"unknown policy {bad or text!r}: use a comma list of {', '.join(POLICY_NAMES)}")
+    return names
+
+
+def cluster_file(args, tokenizer, skip_missing: bool) -> Path | None:
+    """The cluster policy's file: --cluster, else the trained SmolLM2 one in a checkout (for the real SmolLM2
+    only, not the tiny fallback model, which has no tokenizer). With `skip_missing`, an absent default file
+    gives None and a note (a pip-installed package has no docs/results); a file that is needed and absent
+    raises FileNotFoundError."""
+    default = SMOLLM2_CLUSTERS if args.model == "smollm2" and tokenizer is not None else None
+    path = args.cluster or default
+    if skip_missing and args.cluster is None and (path is None or not Path(path).is_file()):
+        print("note: no cluster row: no trained ClusterPolicy for this model here (the SmolLM2 one "
+              "lives in a checkout's docs/results/, which pip does not install); pass --cluster FILE "
+              "from `microspec fit-clusters`")
+        return None
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"cluster policy file not found ({path}); train one with "
+                                "microspec fit-clusters")
+    return Path(path)
+
+
 def build_policies(args, tokenizer, vocab_size: int, skip_missing_cluster: bool = False) -> dict:
-    """name -> policy for every name in --policy. With `skip_missing_cluster`, a `cluster` entry whose
-    default file is absent (no --cluster given; a pip-installed package has no docs/results) is left out
-    with a note."""
-    from microspec.policies import ClusterPolicy, FullVocab, InContextPolicy, StaticFrequencyPolicy
-    ranking = None
-
-    def ranked():
-        nonlocal ranking
-        if ranking is None:
-            if args.token_map:
-                from microspec.policies import load_token_map
-                ranking = load_token_map(args.token_map)
-            elif tokenizer is not None:
-                ranking = frequency_ranking(args, tokenizer, vocab_size)
-            else:
-                ranking = torch.arange(vocab_size)
-        return ranking
-
+    """label -> policy for every name in --policy, built by `microspec.lab.policy_labels.policy_from_label`
+    with --topk, --eviction and the ranking of `frequency_ranking` (counted only when a policy needs it).
+    With `skip_missing_cluster`, a `cluster` entry whose default file is absent is left out with a note."""
+    from microspec.lab.policy_labels import parse_label, policy_from_label
     eviction = None if args.eviction == "none" else args.eviction
-    policies = {}
-    for name in [n.strip() for n in args.policy.split(",") if n.strip()]:
-        if name == "full":
-            policies[name] = FullVocab()
-        elif name == "static":
-            policies[f"static@{args.capacity}"] = StaticFrequencyPolicy(ranked(), args.capacity)
-        elif name == "incontext":
-            policies[f"incontext@{args.capacity}"] = InContextPolicy(args.capacity, args.topk, eviction)
-        elif name == "incontext+core":
-            core = ranked()[: args.capacity // 4]
-            policies[f"incontext+core@{args.capacity}"] = InContextPolicy(args.capacity, args.topk, eviction,
-                                                                          core)
-        elif name == "cluster":
-            # the trained SmolLM2 file fits the real SmolLM2 only, not the tiny fallback model (no tokenizer)
-            default = SMOLLM2_CLUSTERS if args.model == "smollm2" and tokenizer is not None else None
-            path = args.cluster or default
-            if skip_missing_cluster and args.cluster is None and (path is None or not Path(path).is_file()):
-                print("note: no cluster row: no trained ClusterPolicy for this model here (the SmolLM2 one "
-                      "lives in a checkout's docs/results/, which pip does not install); pass --cluster FILE "
-                      "from `microspec fit-clusters`")
-                continue
-            if path is None or not Path(path).is_file():
-                raise FileNotFoundError(f"cluster policy file not found ({path}); train one with "
-                                        "microspec fit-clusters")
-            policies[f"cluster@{args.capacity}"] = ClusterPolicy.load(path, args.capacity)
-        else:
-            raise ValueError(f"unknown policy {name!r}: use full, static, incontext, incontext+core, cluster")
+    ranking, policies = None, {}
+    for name in policy_names(args.policy):
+        label = policy_label(name, args.capacity)
+        path = cluster_file(args, tokenizer, skip_missing_cluster) if name == "cluster" else None
+        if name == "cluster" and path is None:
+            continue
+        if ranking is None and parse_label(label).needs_ranking:
+            ranking = frequency_ranking(args, tokenizer, vocab_size)
+        policies[label] = policy_from_label(label, ranking, path, args.topk, eviction=eviction)
     return policies
 
 
 # ------------------------------------------------------------------------------------------ up-front checks
-POLICY_NAMES = ("full", "static", "incontext", "incontext+core", "cluster")
-
-
 def check_device(device) -> None:
     """--device must name a torch device that exists here (checked before any model is loaded)."""
     try:
@@ -208,11 +216,7 @@ def check_policy_args(args) -> None:
     """--policy, --capacity, --topk, --token-map and --cluster of `add_policy_args`, before any model load:
     a bad token map fails in a second, not after the model has loaded."""
     from microspec.policies import load_token_map
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
-    bad = [n for n in names if n not in POLICY_NAMES]
-    if not names or bad:
-        raise ValueError(f"unknown policy {bad or args.policy!r}: use a comma list of "
-                         f"{', '.join(POLICY_NAMES)}")
+    names = policy_names(args.policy)
     _at_least(args, "capacity", 1)
     _at_least(args, "topk", 0)
     if args.token_map:

@@ -235,33 +235,26 @@ def _ranking(args, tok, eval_files: set):
 
 
 def make_policy(name: str, capacity: int, setup: Setup, topk: int = 0, core: int = 0, eviction="lru"):
-    """A fresh policy: incontext (topk, core, eviction), static, full, or custom (--custom)."""
-    import importlib
+    """A fresh policy: incontext (topk, core, eviction), static, full, or custom (--custom), built from its
+    label (`policy_label`) by `microspec.lab.policy_labels.policy_from_label`."""
+    from microspec.lab.policy_labels import custom_factory, parse_label, policy_from_label
 
-    from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, VocabPolicy
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
+    label, args = policy_label(name, capacity, topk, core), setup.args
+    ranking = setup.ranked() if parse_label(label).needs_ranking else None
+    custom = custom_factory(args.custom, args.custom_arg) if name == "custom" and args.custom else None
+    return policy_from_label(label, ranking, eviction=None if eviction == "none" else eviction, custom=custom)
 
+
+def policy_label(name: str, capacity: int, topk: int = 0, core: int = 0) -> str:
+    """A policy name of `POLICIES` at one capacity (incontext: the target's top-k and a core of the `core`
+    most frequent ids, none at 0) -> its label in the grammar of `microspec.lab.policy_labels`."""
     if name == "full":
-        return FullVocab()
-    if name == "static":
-        return StaticFrequencyPolicy(setup.ranked(), capacity=capacity)
-    if name == "incontext":
-        return InContextPolicy(capacity=capacity, topk=topk,
-                               eviction=None if eviction == "none" else eviction,
-                               core_ids=setup.ranked()[:core] if core else None)
-    if name == "custom":
-        spec = setup.args.custom
-        if not spec or ":" not in spec:
-            raise ValueError("policy 'custom' needs --custom MODULE:CALLABLE")
-        module, _, attr = spec.partition(":")
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        extra = (setup.args.custom_arg,) if setup.args.custom_arg else ()
-        policy = obj(*extra, capacity=capacity)
-        if not isinstance(policy, VocabPolicy):
-            raise ValueError(f"--custom {spec} returned {type(policy).__name__}, not a VocabPolicy")
-        return policy
-    raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
+        return "full"
+    if name != "incontext":
+        return f"{name}@{capacity}"
+    return f"incontext{f'+core{core}' if core else ''}@{capacity}/k{topk}"
 
 
 def _runs(args, setup: Setup) -> list[tuple[str, str, int, dict]]:

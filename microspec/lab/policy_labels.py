@@ -1,33 +1,99 @@
-"""Policy labels -> policies, with the corpus statistics they need (the vocabulary of `microspec eval` and of
-`benchmarks/bench_e2e.py`, so a label means the same policy in a CPU evaluation and in its GPU replay).
+"""Policy labels -> policies: the one grammar of the policy names that `microspec eval`, `demo`, `generate`,
+`coverage`, `tune` and `benchmarks/bench_e2e.py` take, so a label means the same policy in a CPU evaluation,
+a coverage run and a GPU replay.
 
     full                       FullVocab
-    static@C                   StaticFrequencyPolicy: the C most frequent ids of the fitting corpora
-    incontext@C                InContextPolicy, LRU at capacity C
-    incontext+core@C           ... plus a core of the C // 4 most frequent ids
+    static@C                   StaticFrequencyPolicy: the C first ids of a frequency ranking
+    incontext@C                InContextPolicy at capacity C (eviction: LRU unless the caller says otherwise)
+    incontext+core@C           ... plus a core of the C // 4 first ranked ids (or of the caller's default)
     incontext+core<N>@C        ... plus a core of N ids
     .../k<N>, .../s<N>         in-context suffixes: the target's top-N per position; N corpus successors
                                per id
     cluster@C                  ClusterPolicy from a `microspec fit-clusters` file
+    custom@C                   what a user factory returns for capacity=C (`microspec coverage --custom`)
 
-Frequencies and successors are counted over `microspec.lab.data.FITTING_CORPORA` with the model's own
-tokenizer and cached as safetensors.
+The ranking (static, core) is the caller's: `microspec eval` counts the fitting corpora (`frequency_ranking`
+below: `microspec.lab.data.FITTING_CORPORA` with the model's own tokenizer, cached as safetensors, as are the
+successors of `corpus_successors`); `demo` and `generate` count the answers shipped in `microspec.assets`;
+`coverage` and `tune` count --fit corpora. A --token-map replaces the count everywhere it is offered.
 """
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .data import FITTING_CORPORA
 
+SIZED_KINDS = ("static", "incontext", "incontext+core", "cluster", "custom")   # <kind>@<capacity>
+_CORE = "incontext+core"
+
+
+@dataclass(frozen=True)
+class PolicyLabel:
+    """A parsed label. kind: "full" or one of `SIZED_KINDS`; capacity: C (None for full); core: N of
+    incontext+core<N> (None: the builder's default); topk: N of /k<N> (None: the builder's default);
+    successors: N of /s<N> (0: none)."""
+
+    kind: str
+    capacity: int | None = None
+    core: int | None = None
+    topk: int | None = None
+    successors: int = 0
+
+    @property
+    def needs_ranking(self) -> bool:
+        """Whether building it needs a frequency ranking (so callers count one only when a label asks)."""
+        return self.kind in ("static", _CORE)
+
+
+def parse_label(label: str) -> PolicyLabel:
+    """A label of the grammar above -> `PolicyLabel`; anything else raises a one-line ValueError naming it."""
+    if label == "full":
+        return PolicyLabel("full")
+    head, *suffixes = label.split("/")
+    kind, _, cap = head.partition("@")
+    topk, successors = _suffixes(label, suffixes)
+    if not _is_number(cap) or int(cap) < 1:
+        raise ValueError(f"policy {label!r}: expected full or <kind>@<capacity>")
+    core = None
+    if kind.startswith(_CORE):
+        size = kind[len(_CORE):]
+        if size and not _is_number(size):
+            raise ValueError(f"policy {label!r}: expected incontext+core@C or incontext+core<N>@C")
+        kind, core = _CORE, int(size) if size else None
+    if kind not in SIZED_KINDS:
+        raise ValueError(f"unknown policy kind {kind!r}: use full, {', '.join(SIZED_KINDS)}")
+    return PolicyLabel(kind, int(cap), core, topk, successors)
+
+
+def _suffixes(label: str, parts: list[str]) -> tuple[int | None, int]:
+    """An in-context label's suffixes -> (target top-k of /k<N> or None, successors per id of /s<N> or 0)."""
+    topk, successors = None, 0
+    for part in parts:
+        if (not label.startswith("incontext") or len(part) < 2 or part[0] not in "ks"
+                or not _is_number(part[1:])):
+            raise ValueError(f"policy {label!r}: only in-context labels take /k<N> (top-k) and /s<N> "
+                             "(successors) suffixes")
+        if part[0] == "k":
+            topk = int(part[1:])
+        else:
+            successors = int(part[1:])
+    return topk, successors
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
 
 def hf_tokenizer_adapter(tokenizer, name: str):
     """A Hugging Face tokenizer behind `microspec.lab.data.Tokenizer`, so `microspec.lab.frequency` can count
     with the model's own tokenizer (text encoded without special tokens)."""
+    from ..inputs import eos_ids_of
     from .data import Tokenizer
-    eos = tokenizer.eos_token_id
-    return Tokenizer(name, "hf", len(tokenizer), [] if eos is None else [int(eos)],
+    return Tokenizer(name, "hf", len(tokenizer), eos_ids_of(None, tokenizer),
                      lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"],
                      lambda ids: tokenizer.decode(ids))
 
@@ -50,59 +116,65 @@ def frequency_ranking(tokenizer, name: str, cache: Path | None = None):
 
 
 def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_file=None, topk: int = 3,
-                      core: int | None = None, successors: torch.Tensor | None = None):
-    """"full", "static@C", "incontext@C", "incontext+core@C" (core: the `core` most frequent ids, default
-    C // 4 as in `microspec demo`), "incontext+core<N>@C" (a core of N ids), "cluster@C" (a `ClusterPolicy`
-    file) -> a fresh policy. An in-context label may end in "/k<N>" to take the target's top-N per position
-    instead of `topk` and in "/s<N>" to add each id's N most frequent successors from `successors` [V, >= N]
-    (e.g. "incontext+core1024@2048/k10/s4")."""
+                      core: int | None = None, successors: torch.Tensor | None = None,
+                      eviction: str | None = "lru", custom=None):
+    """A label of the grammar above -> a fresh policy. The arguments fill in what the label leaves open:
+    ranking int64 [n] (ids most frequent first: static, core), cluster_file (cluster), topk (in-context
+    without /k<N>), core (the size of an incontext+core@C core; default C // 4 as in `microspec demo`),
+    successors int64 [V, >= N] (/s<N>: each id's N most frequent successors), eviction ("lru", "fifo" or
+    None: grow-only) and custom (a callable: capacity -> `VocabPolicy`, e.g. from `custom_factory`)."""
     from ..policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-    if label == "full":
+    spec = parse_label(label)
+    if spec.kind == "full":
         return FullVocab()
-    topk, n_succ = label_options(label, topk)
-    if n_succ and (successors is None or successors.shape[1] < n_succ):
-        raise ValueError(f"policy {label!r} needs a successor table with >= {n_succ} columns")
-    succ = successors[:, :n_succ] if n_succ else None
-    kind, _, cap = label.partition("@")
-    cap = cap.split("/", 1)[0]
-    if not cap.isdigit() or int(cap) < 1:
-        raise ValueError(f"policy {label!r}: expected full or <kind>@<capacity>")
-    C = int(cap)
-    if (kind == "static" or kind.startswith("incontext+core")) and ranking is None:
+    if spec.successors and (successors is None or successors.shape[1] < spec.successors):
+        raise ValueError(f"policy {label!r} needs a successor table with >= {spec.successors} columns")
+    if spec.needs_ranking and ranking is None:
         raise ValueError(f"policy {label!r} needs a frequency ranking")
-    if kind == "static":
+    C = spec.capacity
+    if spec.kind == "static":
         return StaticFrequencyPolicy(ranking, C)
-    if kind == "incontext":
-        return InContextPolicy(C, topk, "lru", successors=succ)
-    if kind.startswith("incontext+core"):
-        size = kind[len("incontext+core"):]
-        if size and not size.isdigit():
-            raise ValueError(f"policy {label!r}: expected incontext+core@C or incontext+core<N>@C")
-        n = int(size) if size else (C // 4 if core is None else core)
-        return InContextPolicy(C, topk, "lru", ranking[:n], successors=succ)
-    if kind == "cluster":
+    if spec.kind in ("incontext", _CORE):
+        core_ids = None
+        if spec.kind == _CORE:
+            core_ids = ranking[: spec.core if spec.core is not None else (C // 4 if core is None else core)]
+        return InContextPolicy(C, topk if spec.topk is None else spec.topk, eviction, core_ids,
+                               successors=successors[:, : spec.successors] if spec.successors else None)
+    if spec.kind == "cluster":
         if cluster_file is None:
             raise ValueError(f"policy {label!r} needs --cluster-file (a `microspec fit-clusters` output)")
         from ..policies.cluster import ClusterPolicy
         return ClusterPolicy.load(cluster_file, capacity=C)
-    raise ValueError(f"unknown policy kind {kind!r}: use full, static, incontext, incontext+core, cluster")
+    if custom is None:
+        raise ValueError(f"policy {label!r} needs a policy factory (`microspec coverage --custom "
+                         "MODULE:CALLABLE`)")
+    return custom(C)
+
+
+def custom_factory(spec: str, arg: str | None = None):
+    """"MODULE:CALLABLE" (a dotted attribute path after the colon) and an optional first positional argument
+    -> a factory capacity -> `VocabPolicy` for custom@C labels; a callable that returns anything else is
+    refused with a one-line ValueError."""
+    from ..policies import VocabPolicy
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    extra = (arg,) if arg else ()
+
+    def make(capacity: int):
+        policy = obj(*extra, capacity=capacity)
+        if not isinstance(policy, VocabPolicy):
+            raise ValueError(f"--custom {spec} returned {type(policy).__name__}, not a VocabPolicy")
+        return policy
+    return make
 
 
 def label_options(label: str, topk: int) -> tuple[int, int]:
-    """An in-context label's suffixes -> (target top-k, successors per id): "/k<N>" sets the top-k (else
-    `topk`), "/s<N>" adds each id's N most frequent successors in the fitting corpora (else 0)."""
-    parts = label.split("/")
-    k, succ = topk, 0
-    for part in parts[1:]:
-        if (not label.startswith("incontext") or len(part) < 2 or part[0] not in "ks"
-                or not part[1:].isdigit()):
-            raise ValueError(f"policy {label!r}: only in-context labels take /k<N> (top-k) and /s<N> "
-                             "(successors) suffixes")
-        if part[0] == "k":
-            k = int(part[1:])
-        else:
-            succ = int(part[1:])
-    return k, succ
+    """A label's in-context options -> (target top-k: /k<N>, else `topk`; successors per id: /s<N>, else
+    0)."""
+    spec = parse_label(label)
+    return (topk if spec.topk is None else spec.topk), spec.successors
 
 
 def corpus_successors(tokenizer, name: str, m: int, cache: Path | None = None) -> torch.Tensor:

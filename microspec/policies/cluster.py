@@ -27,9 +27,9 @@ by total frequency).
 
 Device-side update, static shapes, no host sync (the hooks run inside CUDA graphs): scores [B, k] -> token
 scores [B, V] -> `topk` (token fill), or top-m clusters -> cumulative sizes -> `searchsorted` per slot
-(cluster fill) -> candidate ids [B, n_c], distinct by construction -> slot-stable install: ids that stay keep
-their slot, new ids take the slots of the ids that left (an id -> slot map [B, V] and a [B, V] scratch
-bitmap), so the sparse head's delta gather copies only rows that changed.
+(cluster fill) -> candidate ids [B, n_c], distinct by construction -> slot-stable install
+(`SlotTable.replace`): ids that stay keep their slot, new ids take the slots of the ids that left, so the
+sparse head's delta gather copies only rows that changed.
 
 No side CUDA stream for the classifier (DynaSpec runs it beside the drafter): in microspec the hidden state
 exists only after verification, and the next reader of `active_ids` is the sparse head's refresh at the start
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..inputs import as_token_ids, unique_stable
 from .base import VocabPolicy
+from .slots import SlotTable
 
 FORMAT = "microspec.cluster_policy"
 _FILLS = ("tokens", "clusters")
@@ -142,9 +143,7 @@ class ClusterPolicy(VocabPolicy):
                              f"tokenizer or model? (fitted on {self.metadata.get('model', 'unknown')})")
         self.classifier.to(device)
         C, V, k = self.capacity, vocab_size, self.num_clusters
-        self._ids = torch.full((rows, C + 1), -1, dtype=torch.long, device=device)       # slot -> id, sink C
-        self._slot_of = torch.full((rows, V + 1), -1, dtype=torch.long, device=device)   # id -> slot, sink V
-        self._want = torch.zeros((rows, V), dtype=torch.bool, device=device)            # scratch bitmap
+        self._table = SlotTable(rows, C, V, device)          # routed slots [0, n_c) <-> ids (slot s: P + s)
         self._seen = torch.zeros((rows, V + 1), dtype=torch.bool, device=device)        # context ids, sink V
         self._lp = torch.zeros((rows, k), dtype=torch.float32, device=device)           # last cluster scores
 
@@ -177,15 +176,12 @@ class ClusterPolicy(VocabPolicy):
         self.active_ids.fill_(-1)
         self.active_ids[:, :P] = pinned.to(dev)
         self.n_active.fill_(P + n_c)
-        for buf, value in ((self._ids, -1), (self._slot_of, -1), (self._want, False), (self._seen, False)):
-            buf.fill_(value)
+        self._seen.fill_(False)
         self._lp.copy_(self._initial_scores(1))
-        if n_c:
-            R = self._ids.shape[0]
-            cand = self._select(self._lp)
-            self._ids[:, :n_c] = cand
-            self._slot_of.scatter_(1, cand, self._pos.expand(R, -1))
-            self.active_ids[:, P: P + n_c] = cand
+        rows = self._lp.shape[0]
+        cand = self._select(self._lp) if n_c else torch.zeros((rows, 0), dtype=torch.long, device=dev)
+        self._table.reset(cand)
+        self.active_ids[:, P: P + n_c] = cand
 
     def _initial_scores(self, rows: int) -> Tensor:
         """Cluster scores before any hidden state: flat (token fill: frequency order) or the prior."""
@@ -245,22 +241,9 @@ class ClusterPolicy(VocabPolicy):
 
     def _install(self, cand: Tensor) -> None:
         """Make the routed slots hold the ids cand [B, n_c] (distinct), keeping resident ids in place."""
-        C, V, n_c, P = self.capacity, self.vocab_size, self._n_c, self._P
-        cur = self._ids[:, :n_c]                                                         # all valid
-        self._want.scatter_(1, cand, True)
-        stay = self._want.gather(1, cur)                                                 # resident and wanted
-        self._want.scatter_(1, cand, False)
-        new = self._slot_of.gather(1, cand) < 0                                           # [B, n_c]
-        # |new| == |leaving| per row (both sets hold n_c ids): the r-th new id takes the r-th leaving slot.
-        leave = ~stay
-        free = torch.full((cand.shape[0], n_c + 1), C, dtype=torch.long, device=cand.device)  # r -> slot
-        free.scatter_(1, torch.where(leave, leave.cumsum(1) - 1, n_c), self._pos.expand_as(cand))
-        dest = torch.where(new, free.gather(1, (new.cumsum(1) - 1).clamp_(min=0)), C)    # C: sink slot
-        old = self._ids.gather(1, dest)
-        self._slot_of.scatter_(1, torch.where(new, old, V), -1)
-        self._slot_of.scatter_(1, torch.where(new, cand, V), dest)
-        self._ids.scatter_(1, dest, cand)
-        self.active_ids[:, P: P + n_c] = self._ids[:, :n_c]
+        n_c, P = self._n_c, self._P
+        self._table.replace(cand)
+        self.active_ids[:, P: P + n_c] = self._table.ids[:, :n_c]
 
     def shortlist(self, hidden: Tensor | None, seen: Tensor | None = None) -> Tensor:
         """The set for hidden [B, D] (None: no classifier) and context bitmap seen bool [B, V] (None: no

@@ -6,8 +6,8 @@ The set of a request is
 which reaches a few thousand ids where the full vocabulary has 128k-262k (NanoSpec reports < 3k).
 
 What the released MicroSpec code lacks and this policy adds:
-  * batch > 1 (one set per row) with all set operations on device state: an id -> slot map [B, V], a
-    slot -> id buffer [B, C] and per-slot time stamps; no Python sets, no `.tolist()`, no host sync;
+  * batch > 1 (one set per row) with all set operations on device state: a `SlotTable` (id -> slot map
+    [B, V], slot -> id buffer [B, C]) and per-slot time stamps; no Python sets, no `.tolist()`, no host sync;
   * an eviction rule at the cap ("lru": least recently committed or predicted, "fifo": oldest insertion)
     instead of silently no longer growing (`eviction=None` keeps MicroSpec's grow-only behaviour);
   * an optional static core (`core_ids`, e.g. the most frequent ids) pinned next to the special ids, so a
@@ -19,8 +19,9 @@ What the released MicroSpec code lacks and this policy adds:
 Drafted-but-rejected tokens never enter: the policy sees committed tokens only. (Drafted tokens come from the
 set, so "drafted ids" add nothing MicroSpec's set did not already hold; accepted ones refresh their stamp.)
 
-Slot layout: [0, n_pinned) special + core ids, never evicted; [n_pinned, n_active) context ids. A new id
-takes the first free slot, or at the cap the slot of the evicted id, so a resident id never moves.
+Slot layout (a `SlotTable`): [0, n_pinned) special + core ids, never evicted; [n_pinned, n_active) context
+ids. A new id takes the first free slot, or at the cap the slot of the evicted id, so a resident id never
+moves.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from ..inputs import as_token_ids, check_bool, check_int, unique_stable
 from .base import VocabPolicy
+from .slots import SlotTable
 
 _NEVER = torch.iinfo(torch.long).max  # eviction key of a slot that may not be reused
 
@@ -75,9 +77,8 @@ class InContextPolicy(VocabPolicy):
         C, V = self.capacity, vocab_size
         # Each buffer has one extra "sink" column: masked-out scatters write there, so every scatter keeps a
         # static shape without ever clobbering a live entry.
-        self._ids = torch.full((rows, C + 1), -1, dtype=torch.long, device=device)       # slot -> id
+        self._table = SlotTable(rows, C, V, device)                                      # slot <-> id
         self._stamp = torch.zeros((rows, C + 1), dtype=torch.long, device=device)        # slot -> last use
-        self._slot_of = torch.full((rows, V + 1), -1, dtype=torch.long, device=device)   # id -> slot
         self._first = torch.zeros((rows, V + 1), dtype=torch.long, device=device)        # dedupe scratch
         self._clock = torch.zeros(1, dtype=torch.long, device=device)
         self._slots = torch.arange(C, device=device)
@@ -101,15 +102,12 @@ class InContextPolicy(VocabPolicy):
             core = core[~torch.isin(core, pinned)]
             pinned = torch.cat([pinned, core[: self.capacity - pinned.numel()]])
         n = self._n_pinned = pinned.numel()
-        self._ids.fill_(-1)
-        self._ids[:, :n] = pinned
-        self._slot_of.fill_(-1)
-        self._slot_of[:, pinned] = torch.arange(n, device=self.device)
+        self._table.reset(pinned)
         self._stamp.zero_()
         self._first.fill_(-1)
         self._clock.zero_()
         self.n_active.fill_(n)
-        self.active_ids.copy_(self._ids[:, : self.capacity])
+        self.active_ids.copy_(self._table.ids[:, : self.capacity])
 
     # ------------------------------------------------------------------ device side
     def on_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, target_topk: Tensor | None = None,
@@ -157,30 +155,38 @@ class InContextPolicy(VocabPolicy):
         self._first.scatter_reduce_(1, x, pos, "amin", include_self=False)
         is_first = valid & (self._first.gather(1, x) == pos)
         # 2. Split into ids already resident (hits) and new ids.
-        slot = self._slot_of.gather(1, x)
+        slot = self._table.lookup(x)
         hit, new = is_first & (slot >= 0), is_first & (slot < 0)
         if self.eviction == "lru":
             self._stamp.scatter_(1, torch.where(hit, slot, C), clock)
         # 3. Rank the slots a new id may take: free slots first (in slot order), then occupied unpinned
         #    slots from the oldest stamp; pinned slots (and, without eviction, occupied ones) never.
+        order, room = self._free_first(M) if self.eviction is None else self._oldest_first(M)
+        dest, ok = self._table.take(new, order, room)                                    # [B, M], C = sink
+        # 4. Evict what lived in the destination slots, then install the new ids.
+        self._table.install(x, dest, ok)
+        self._stamp.scatter_(1, dest, clock)
+        self.n_active.copy_(torch.clamp(self.n_active + ok.sum(1), max=C))
+        self.active_ids.copy_(self._table.ids[:, :C])
+
+    def _free_first(self, M: int) -> tuple[Tensor, Tensor]:
+        """Grow-only ranking: the free slots n_active, n_active + 1, ... -> (order [B, min(M, C)], room
+        [B, 1]). No sort: the free slots are exactly [n_active, C)."""
+        C = self.capacity
+        order = (self.n_active.unsqueeze(1) + self._slots[: min(M, C)]).clamp(max=C - 1)
+        return order, (C - self.n_active).unsqueeze(1)
+
+    def _oldest_first(self, M: int) -> tuple[Tensor, Tensor]:
+        """Evicting ranking: free slots in slot order, then occupied unpinned slots from the oldest stamp
+        (keys are distinct but for the never-taken slots, which rank last) -> (order [B, min(M, C)], room
+        [B, 1]). One sort of [B, C] keys: a top-k of int64 keys with k in the hundreds (a tree block's
+        candidates) costs ~45 us on the H200, eight radix passes."""
+        C = self.capacity
         occupied = self._slots < self.n_active.unsqueeze(1)                              # [B, C]
         key = torch.where(occupied, self._stamp[:, :C] * (C + 1) + self._slots, self._slots - (C + 1))
         key = torch.where(self._slots < self._n_pinned, _NEVER, key)
-        if self.eviction is None:
-            key = torch.where(occupied, _NEVER, key)
-        order = torch.topk(key, min(M, C), dim=1, largest=False, sorted=True).indices   # [B, min(M, C)]
-        room = (key != _NEVER).sum(1, keepdim=True)                                      # [B, 1]
-        rank = new.cumsum(1) - 1
-        ok = new & (rank < room)
-        dest = torch.where(ok, order.gather(1, rank.clamp(0, order.shape[1] - 1)), C)    # [B, M], C = sink
-        # 4. Evict what lived in the destination slots, then install the new ids.
-        old = self._ids.gather(1, dest)
-        self._slot_of.scatter_(1, torch.where(ok & (old >= 0), old, V), -1)
-        self._slot_of.scatter_(1, torch.where(ok, x, V), dest)
-        self._ids.scatter_(1, dest, x)
-        self._stamp.scatter_(1, dest, clock)
-        self.n_active.copy_(torch.clamp(self.n_active + ok.sum(1), max=C))
-        self.active_ids.copy_(self._ids[:, :C])
+        order = torch.sort(key, dim=1).indices[:, : min(M, C)]
+        return order, (key != _NEVER).sum(1, keepdim=True)
 
     def extra_repr(self) -> str:
         core = 0 if self.core_ids is None else self.core_ids.numel()

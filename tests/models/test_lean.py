@@ -368,14 +368,9 @@ def test_bf16_error_within_hf(name):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_float32():
+def test_smollm2_float32(smollm2_gguf):
     """Real SmolLM2-135M weights in float32: prefill in chunks plus decode steps against HF's full forward."""
-    from microspec.models import find_smollm2, load_gguf
-    path = find_smollm2(download=False)
-    if path is None:
-        pytest.skip("SmolLM2 weights not present (../shared/models or the cache)")
-    pytest.importorskip("gguf")
-    model, tokenizer = load_gguf(path, dtype=torch.float32)
+    model, tokenizer = smollm2_gguf.load(torch.float32)
     text = ["The capital of France is Paris, and the capital of Italy is", "def fibonacci(n):\n    if n < 2:"]
     enc = [tokenizer.encode(t) for t in text]
     L = min(map(len, enc))
