@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copies_beyond_l2, copy_bandwidth, environment, run_stamp, save, time_us_rotating
 from benchmarks.shapes import SHAPES, build_spec
 from microspec.baseline import PlainDecoder
+from microspec.timing import timed
 from microspec.models.select import make_backend
 
 GEMMA3_270M_LAYERS = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(18)]
@@ -89,17 +90,8 @@ def sync() -> None:
 
 
 def elapsed_s(fn) -> float:
-    """Seconds of fn(): CUDA events on a GPU (the host waits at the end), wall clock on a CPU."""
-    if not CUDA:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+    """Seconds of fn() (`microspec.timing.timed`: CUDA events on a GPU, wall clock on a CPU)."""
+    return timed(fn)[0]
 
 
 def prompt(B: int, L: int, vocab: int, device) -> torch.Tensor:

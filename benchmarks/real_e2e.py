@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copy_bandwidth, environment, run_stamp, save, time_us_rotating  # noqa: E402
+from microspec.timing import timed  # noqa: E402
 
 INPUTS = Path(__file__).parent / "real_e2e"
 # task -> (file under the shared data folder, question ids): held out from every fitting and training set.
@@ -109,21 +110,6 @@ def batches(n: int, B: int):
         yield list(range(i, min(i + B, n)))
 
 
-def cuda_time(fn) -> tuple[float, object]:
-    """(seconds, fn()) timed with CUDA events (wall clock on a CPU, where timings mean nothing)."""
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t0, out
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    out = fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3, out
-
-
 def run_spec(dec, ids, mask, new, do_sample, eos, pad, seed):
     """One batch: (sequences, SpecStats, decode tokens, decode seconds after the graph capture, run)."""
     gens = torch.Generator(device=ids.device).manual_seed(seed) if do_sample else None
@@ -133,7 +119,7 @@ def run_spec(dec, ids, mask, new, do_sample, eos, pad, seed):
     if new > 1 and run.cuda_graph:
         run.capture()
     tokens0 = int(run.generated.sum())
-    seconds, _ = cuda_time(run.run_steps)
+    seconds, _ = timed(run.run_steps)
     return run.sequences(input_ids, pad_id), run.summary(), int(run.generated.sum()) - tokens0, seconds, run
 
 
@@ -241,8 +227,8 @@ def time_hf(bench: Bench, ids, mask) -> dict:
     def generate(**over):
         return bench.target.generate(ids, attention_mask=mask, **{**kw, **over})
     generate(max_new_tokens=8)                                      # warm-up
-    short, _ = cuda_time(lambda: generate(max_new_tokens=2))
-    seconds, seqs = cuda_time(generate)
+    short, _ = timed(lambda: generate(max_new_tokens=2))
+    seconds, seqs = timed(generate)
     new = (seqs[:, ids.shape[1]:] != bench.pad).sum().item()
     return {"tokens": new - 2 * len(ids), "seconds": seconds - short}
 
@@ -255,7 +241,7 @@ def time_plain(bench: Bench, ids, mask, warm_up: bool) -> tuple[dict, torch.Tens
                                     pad_token_id=bench.pad)
     if warm_up:     # first batch of a shape: compile + capture warm-up, then timed
         go()
-    secs, seqs = cuda_time(go)
+    secs, seqs = timed(go)
     toks, secs = bench.plain.steady_state or (int(bench.plain.generated.sum()), secs)
     return {"tokens": toks, "seconds": secs}, seqs
 

@@ -138,16 +138,12 @@ def run(args) -> int:
 def _cuda_timed(fn, warm_up, repeats: int):
     """(output of the last run, median seconds over `repeats` runs of fn), timed with CUDA events after one
     short warm-up run (Triton JIT, cuBLAS handles, allocator)."""
+    from microspec.timing import timed
     warm_up()
     times = []
     for _ in range(max(1, repeats)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        out = fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        seconds, out = timed(fn, cuda=True)
+        times.append(seconds)
     return out, statistics.median(times)
 
 
