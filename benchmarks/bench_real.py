@@ -27,6 +27,7 @@ from benchmarks.common import environment, save
 from microspec import SpecDecoder
 from microspec.baseline import PlainDecoder
 from microspec.cli.progress import echo, progress_bar
+from microspec.inputs import eos_ids_of
 from microspec.models import early_exit_drafter, load_gguf
 from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy, load_token_map
 from microspec.prompts import encode_chat
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_gguf(args.gguf, dtype=getattr(torch, args.dtype), device="cuda")
     prompts = json.loads(Path(args.prompts).read_text())
     ranking = load_token_map(args.token_map)
-    eos = [int(model.generation_config.eos_token_id)]
+    eos = eos_ids_of(model)
     rows = []
     policies = {"full": FullVocab, "static@1024": lambda: StaticFrequencyPolicy(ranking, 1024),
                 "incontext@1024": lambda: InContextPolicy(1024, topk=3),

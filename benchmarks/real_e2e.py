@@ -64,10 +64,11 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 def prepare(args) -> None:
     import json
 
+    from microspec.inputs import eos_ids_of
     from microspec.lab.policy_labels import frequency_ranking
     from microspec.models import load_model
     from microspec.paths import cache_dir, shared_data_dir
-    _, tokenizer = load_model(args.model, torch.float32, "cpu")
+    model, tokenizer = load_model(args.model, torch.float32, "cpu")
     root = shared_data_dir()
     tasks, rows, qids = [], [], []
     for task, (rel, ids) in PROMPTS.items():
@@ -78,7 +79,7 @@ def prepare(args) -> None:
             rows.append(encode_prompt(tokenizer, records[qid]["turns"][0]))
     ranking, meta = frequency_ranking(tokenizer, args.name,
                                       cache_dir() / "eval" / f"freq_{args.name}.safetensors")
-    eos = sorted({int(e) for e in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    eos = eos_ids_of(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     INPUTS.mkdir(exist_ok=True)
     path = INPUTS / f"{args.name}.pt"

@@ -132,10 +132,9 @@ def split_pairs(corpora, holdout: float, seed: int):
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    """`microspec.inputs.eos_ids_of` (generation config, model config and tokenizer), never empty."""
+    from microspec.inputs import eos_ids_of
+    ids = eos_ids_of(model, tokenizer)
     if not ids:
         raise ValueError("the model and tokenizer define no EOS id")
     return ids
