@@ -220,15 +220,18 @@ def build_decoders(methods, target, eagle, ranking, tree, args) -> dict:
 
 
 def time_hf(bench: Bench, ids, mask) -> dict:
-    """Hugging Face `generate` (greedy, static cache): warm-up, then decode tokens and seconds net of a
-    2-token run (prefill and the first token)."""
+    """Hugging Face `generate` (greedy, static cache): decode tokens and seconds net of a 2-token run
+    (prefill and the first token), each timed after a warm-up of the very same call: transformers compiles
+    its static-cache step per prompt length and cache size, so a shorter warm-up would leave the timed run
+    compiling."""
     kw = dict(max_new_tokens=bench.args.new, do_sample=False, eos_token_id=bench.eos, pad_token_id=bench.pad,
               cache_implementation="static")
 
     def generate(**over):
         return bench.target.generate(ids, attention_mask=mask, **{**kw, **over})
-    generate(max_new_tokens=8)                                      # warm-up
+    generate(max_new_tokens=2)                              # warm-ups: the timed calls compile nothing
     short, _ = timed(lambda: generate(max_new_tokens=2))
+    generate()
     seconds, seqs = timed(generate)
     new = (seqs[:, ids.shape[1]:] != bench.pad).sum().item()
     return {"tokens": new - 2 * len(ids), "seconds": seconds - short}
