@@ -190,14 +190,14 @@ def load(args, device: str):
     from microspec.drafting.eagle import EagleDrafter
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.shape:
-        from benchmarks.bench_plain import PLAIN_SHAPES
+        from benchmarks.bench_plain import PLAIN_SHAPES, SMOKE_SHAPES
         from benchmarks.shapes import build_spec
-        target = build_spec(PLAIN_SHAPES[args.shape], device, dtype)
+        target = build_spec({**PLAIN_SHAPES, **SMOKE_SHAPES}[args.shape], device, dtype)
         V = target.config.vocab_size
         eagle = (EagleDrafter.from_pretrained(args.eagle, target) if args.eagle
                  else EagleDrafter.from_target(target, seed=0))
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, V, (1, 256), generator=g).to(device)
+        ids = torch.randint(3, V, (1, min(256, args.new)), generator=g).to(device)
         return target, eagle, ids, torch.randperm(V, generator=g), args.shape
     if not (args.model and args.name and args.eagle):
         raise SystemExit("give --model, --name and --eagle (or --shape)")
@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="the target's GGUF file")
     p.add_argument("--name", help="benchmarks/real_e2e/<name>.pt (prompts, ranking)")
     p.add_argument("--eagle", help="the trained head (default: an untrained one, with --shape)")
-    p.add_argument("--shape", help="instead of --model/--name: random weights at this bench_plain.py shape")
+    p.add_argument("--shape", help="instead of --model/--name: random weights at a bench_plain.py shape "
+                                   "(tiny-llama, tiny-gemma3, ...: CPU smoke runs)")
     p.add_argument("--configs", nargs="+", default=["plain", "eagle2:10,6,60", "microspec:10,6,60"])
     p.add_argument("--new", type=int, default=1024, help="budget: the timed steps must stay inside it")
     p.add_argument("--warm", type=int, default=20, help="graph replays before timing")

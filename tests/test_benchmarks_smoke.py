@@ -70,3 +70,37 @@ def test_real_e2e_run_smoke(tmp_path, smollm2_gguf):
         assert rows[method]["compared_rows"] == 1, rows[method]
         assert rows[method]["equal_rows"] == rows[method]["compared_rows"], rows[method]["tie_gaps"]
     assert "| microspec | 1 | greedy |" in result.stdout
+
+
+def test_step_profile_counts_ops_per_stage_on_cpu():
+    """`step_profile.py` on a tiny Gemma3 (CPU: no CUDA kernels, so it reports the aten ops per stage): every
+    stage of a tree step is labelled, and the draft stages exist only for the speculative config."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--shape",
+                             "tiny-gemma3", "--configs", "plain", "microspec:3,3,8", "--new", "24"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    plain, spec = result.stdout.split("== microspec:3,3,8")
+    assert "target" in plain and "draft.layer" not in plain
+    for stage in ("target", "draft.layer", "draft.tree", "verify", "commit"):
+        assert f"   {stage} " in spec, stage
+
+
+def test_attention_variants_agree_on_cpu():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--smoke",
+                             "--variants", "sdpa", "math", "lean"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    errors = [float(e) for e in __import__("re").findall(r"err ([0-9.e+-]+)\)", result.stdout)]
+    assert len(errors) == 6 and max(errors) < 1e-5
+
+
+def test_plot_real_e2e_tables_the_committed_results(tmp_path):
+    results = sorted((ROOT / "benchmarks" / "results").glob("real_e2e_smollm2_2026-12-01_033813.json"))
+    assert results, "the committed real_e2e result is missing"
+    png = tmp_path / "tasks.png"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_real_e2e.py"), str(results[0]),
+                             "--png", str(png)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "| gsm8k | 875 | 1571 (τ 2.95)" in result.stdout and png.stat().st_size > 10_000
