@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import DTYPES
+from ._common import DTYPES, tree_spec
 from .progress import add_quiet_arg, progress_bar
 from ..lab.policy_labels import corpus_successors, frequency_ranking, label_options, policy_from_label
 
@@ -29,6 +29,8 @@ DEFAULT_POLICIES = ("full,static@1024,static@3072,static@32768,incontext@1024,in
 EPILOG = """\
 examples:
   microspec eval --target smollm2 --drafter self --dtype float64 --json eval.json
+  microspec eval --target smollm2 --drafter eagle:checkpoints/eagle-smollm2 --tree 10,6,60 \
+      --policies full,incontext@3072 --json eval_tree.json
   microspec eval --target qwen-1.5b.gguf --drafter qwen-0.5b.gguf --per-task 2 --max-new-tokens 96 \\
       --json docs/results/eval_qwen_DATE.json --traces benchmarks/results/acceptance_qwen_DATE.json
 """
@@ -40,7 +42,11 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
     p.add_argument("--drafter", default="self",
-                   help="'self', 'early-exit:N', or a model sharing the tokenizer")
+                   help="'self', 'early-exit:N', 'eagle:PATH' (a trained EAGLE head for the target, e.g. "
+                        "checkpoints/eagle-smollm2), or a model sharing the tokenizer")
+    p.add_argument("--tree", default=None, metavar="TOPK,DEPTH,TOKENS",
+                   help="EAGLE-2 dynamic tree drafting (eagle: drafters only), e.g. 10,6,60; acceptance "
+                        "rates are then per tree depth (default: a chain of -K drafts)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help="greedy runs: comma list of full, static@C, incontext@C, incontext+core@C, "
@@ -97,6 +103,10 @@ def load(args):
     if args.drafter.startswith("early-exit:"):
         n = int(args.drafter.split(":", 1)[1])
         return target, tok, models.early_exit_drafter(target, n), desc, f"early exit after {n} layers"
+    if args.drafter.startswith("eagle:"):
+        from microspec.drafting.eagle import EagleDrafter
+        path = args.drafter.split(":", 1)[1]
+        return target, tok, EagleDrafter.from_pretrained(path, target), desc, f"EAGLE head {path}"
     drafter, _ = models.load_model(args.drafter, dtype)
     return target, tok, drafter, desc, args.drafter
 
@@ -131,8 +141,14 @@ def _check_args(args) -> None:
             n = spec.split(":", 1)[1]
             if not n.isdigit() or int(n) < 1:
                 raise ValueError(f"--drafter {spec}: expected early-exit:N with an integer N >= 1")
+        elif flag == "--drafter" and spec.startswith("eagle:"):
+            from microspec.drafting.eagle import EagleDrafter
+            EagleDrafter.read_config(spec.split(":", 1)[1])      # exists and is a microspec EAGLE head
         elif not Path(spec).exists():
             raise FileNotFoundError(f"{flag} {spec}: no such file or model directory")
+    tree_spec(args)                                             # parses; only with an eagle: drafter
+    if args.tree is not None and args.traces:
+        raise ValueError("--traces replays chains of K = 5 in benchmarks/bench_e2e.py; not with --tree")
     if args.cluster_file is not None and not Path(args.cluster_file).is_file():
         raise FileNotFoundError(f"--cluster-file {args.cluster_file}: no such file")
     # every label parses (and builds) with a stand-in ranking and successor table
@@ -164,10 +180,13 @@ def run(args) -> int:
     ev.check_disjoint(prompts)
     name = args.name or Path(args.target).stem.lower()
 
+    tree = tree_spec(args)
+    K = tree.depth if tree is not None else args.K   # the most drafts one verification can accept
     t0 = time.perf_counter()
     target, tok, drafter, target_desc, drafter_desc = load(args)
     t_load = time.perf_counter() - t0
-    print(f"target {target_desc}\ndrafter {drafter_desc}\n{args.dtype}, K={args.K}, "
+    shape = f"tree {args.tree}" if tree is not None else f"K={args.K}"
+    print(f"target {target_desc}\ndrafter {drafter_desc}\n{args.dtype}, {shape}, "
           f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, loaded in {t_load:.0f} s", flush=True)
     rows = chat_rows(tok, [p.text for p in prompts])
     gen_cfg = target.generation_config
@@ -208,7 +227,7 @@ def run(args) -> int:
 
     result = {"command": "microspec " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("microspec") else
               " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": machine(),
-              "target": target_desc, "drafter": drafter_desc, "dtype": args.dtype, "K": args.K,
+              "target": target_desc, "drafter": drafter_desc, "dtype": args.dtype, "K": K, "tree": args.tree,
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed,
               "batches": batches, "prefill_reuse": "one prefill per batch (and per hidden-state capture), "
               "restored for every later policy and mode; per-policy seconds exclude reused prefills",
@@ -232,7 +251,7 @@ def run(args) -> int:
         per_label = {}
         for label in labels[mode]:
             policy = policy_from_label(label, ranking, args.cluster_file, args.topk, args.core, successors)
-            decoder = SpecDecoder(target, drafter, policy, args.K, tokenizer=tok, cuda_graph=False)
+            decoder = SpecDecoder(target, drafter, policy, args.K, tokenizer=tok, cuda_graph=False, tree=tree)
             t0 = time.perf_counter()
             load0 = os.getloadavg()[0]
             outs, stats = decode_all(decoder, do_sample, f"{mode} {label}")
@@ -243,11 +262,11 @@ def run(args) -> int:
                 entry["greedy_mismatches"] = ev.greedy_mismatches(target, rows, outs, refs)
             record["policies"][label] = entry
             per_label[label] = stats
-            s = ev.aggregate(stats, args.K)
+            s = ev.aggregate(stats, K)
             mism = len(entry["greedy_mismatches"]) if refs is not None else "-"
             print(f"{'':10}{label:<22}{s['tau']:6.2f}{s['acceptance']:8.3f}{s['coverage']:7.3f}"
                   f"{s['mean_active']:8.0f}{mism:>9}{seconds:7.0f}", flush=True)
-        record["tasks"] = ev.task_stats(task_of, per_label, args.K)
+        record["tasks"] = ev.task_stats(task_of, per_label, K)
         result[f"markdown_{mode}"] = ev.markdown_tables(record["tasks"])
         print("\n" + result[f"markdown_{mode}"], flush=True)
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)

@@ -32,7 +32,6 @@ from ..inputs import as_token_ids, check_bool, check_int, unique_stable
 from .base import VocabPolicy
 from .slots import SlotTable
 
-_NEVER = torch.iinfo(torch.long).max  # eviction key of a slot that may not be reused
 
 
 class InContextPolicy(VocabPolicy):
@@ -79,7 +78,6 @@ class InContextPolicy(VocabPolicy):
         # static shape without ever clobbering a live entry.
         self._table = SlotTable(rows, C, V, device)                                      # slot <-> id
         self._stamp = torch.zeros((rows, C + 1), dtype=torch.long, device=device)        # slot -> last use
-        self._first = torch.zeros((rows, V + 1), dtype=torch.long, device=device)        # dedupe scratch
         self._clock = torch.zeros(1, dtype=torch.long, device=device)
         self._slots = torch.arange(C, device=device)
         if self.core_ids is not None and self.core_ids.numel() and int(self.core_ids.max()) >= V:
@@ -104,7 +102,6 @@ class InContextPolicy(VocabPolicy):
         n = self._n_pinned = pinned.numel()
         self._table.reset(pinned)
         self._stamp.zero_()
-        self._first.fill_(-1)
         self._clock.zero_()
         self.n_active.fill_(n)
         self.active_ids.copy_(self._table.ids[:, : self.capacity])
@@ -145,15 +142,12 @@ class InContextPolicy(VocabPolicy):
 
     def _insert(self, cand: Tensor, valid: Tensor) -> None:
         """Add ids cand [B, M] where valid [B, M], in priority order (earlier entries first). No host sync."""
-        C, V = self.capacity, self.vocab_size
+        C = self.capacity
         R, M = cand.shape
         self._clock.add_(1)
         clock = self._clock.expand(R, M)
-        x = torch.where(valid, cand, V)                                                  # invalid -> sink id
-        # 1. Keep the first occurrence of each id (order-preserving dedupe through a [B, V] scratch).
-        pos = torch.arange(M, device=cand.device).expand(R, M)
-        self._first.scatter_reduce_(1, x, pos, "amin", include_self=False)
-        is_first = valid & (self._first.gather(1, x) == pos)
+        # 1. Keep the first occurrence of each id (invalid entries become the sink id V).
+        x, is_first = self._table.first_occurrences(cand, valid)
         # 2. Split into ids already resident (hits) and new ids.
         slot = self._table.lookup(x)
         hit, new = is_first & (slot >= 0), is_first & (slot < 0)
@@ -177,16 +171,11 @@ class InContextPolicy(VocabPolicy):
         return order, (C - self.n_active).unsqueeze(1)
 
     def _oldest_first(self, M: int) -> tuple[Tensor, Tensor]:
-        """Evicting ranking: free slots in slot order, then occupied unpinned slots from the oldest stamp
-        (keys are distinct but for the never-taken slots, which rank last) -> (order [B, min(M, C)], room
-        [B, 1]). One sort of [B, C] keys: a top-k of int64 keys with k in the hundreds (a tree block's
-        candidates) costs ~45 us on the H200, eight radix passes."""
+        """Evicting ranking: free slots in slot order, then occupied unpinned slots from the oldest stamp ->
+        (order [B, min(M, C)], room [B, 1])."""
         C = self.capacity
-        occupied = self._slots < self.n_active.unsqueeze(1)                              # [B, C]
-        key = torch.where(occupied, self._stamp[:, :C] * (C + 1) + self._slots, self._slots - (C + 1))
-        key = torch.where(self._slots < self._n_pinned, _NEVER, key)
-        order = torch.sort(key, dim=1).indices[:, : min(M, C)]
-        return order, (key != _NEVER).sum(1, keepdim=True)
+        pinned = (self._slots < self._n_pinned).expand(self._stamp.shape[0], -1)
+        return self._table.oldest_first(self._stamp[:, :C], self.n_active, pinned, min(M, C))
 
     def extra_repr(self) -> str:
         core = 0 if self.core_ids is None else self.core_ids.numel()

@@ -1,0 +1,49 @@
+"""benchmarks/policy_curve.py without models: labels build the intended policies, the pooled tau and the
+paired bootstrap are right on hand-made rows, and the report renders."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+curve = pytest.importorskip("benchmarks.policy_curve")
+
+from microspec.policies import AdaptiveCorePolicy, FullVocab, InContextPolicy, UnionPolicy  # noqa: E402
+
+
+def test_labels_build_the_policies():
+    ranking = torch.arange(5000)
+    assert isinstance(curve.build_policy("full", ranking), FullVocab)
+    ctx = curve.build_policy("ctx/k3", ranking)
+    assert isinstance(ctx, InContextPolicy) and ctx.eviction is None and ctx.wants_block
+    assert ctx.target_topk == 3
+    core = curve.build_policy("ctx+core256/k10", ranking)
+    assert core.core_ids.numel() == 256 and core.capacity == 3072 + 256 and core.target_topk == 10
+    adapt = curve.build_policy("adapt16/k3", ranking)
+    assert isinstance(adapt, UnionPolicy) and isinstance(adapt.children[1], AdaptiveCorePolicy)
+    assert adapt.children[1].grow == 16 and adapt.wants_block and adapt.target_topk == 3
+    for bad in ("ctx", "ctx/k", "adapt/k3", "static@8"):
+        with pytest.raises(ValueError):
+            curve.build_policy(bad, ranking)
+    with pytest.raises(ValueError, match="cluster-file"):
+        curve.build_policy("ctx+cluster64/k3", ranking)
+
+
+def _row(steps, accepted, active=10):
+    return {"steps": steps, "accepted": accepted, "active": active * steps, "generated": 0}
+
+
+def test_pooled_tau_and_paired_bootstrap():
+    full = [_row(10, 10), _row(10, 20), _row(5, 5)]
+    half = [_row(10, 5), _row(10, 10), _row(5, 0)]
+    assert curve.tau(full) == pytest.approx(1 + 35 / 25) and curve.mean_active(half) == 10
+    lo, hi = curve.bootstrap_ratio(full, full, ["a", "a", "b"], draws=200)
+    assert lo == hi == pytest.approx(1.0)                      # paired: identical runs have no spread
+    lo, hi = curve.bootstrap_ratio(half, full, ["a", "a", "b"], draws=400)
+    assert lo < curve.tau(half) / curve.tau(full) < hi and lo >= (1 + 5 / 10) / (1 + 20 / 10) - 1e-9
+    stats = curve.summarise(["a", "a", "b"], {"full": full, "half": half})
+    assert stats["half"]["b"]["pct_of_full"] == pytest.approx(100 * 1.0 / 2.0)
+    assert stats["half"]["all"]["prompts"] == 3 and stats["full"]["all"]["pct_ci95"] == [100.0, 100.0]
+    md = curve.markdown({"model": "m", "tree": "4,4,16", "runs": {"greedy": {"tasks": stats}}})
+    assert "| half | " in md and "50.0 %" in md
