@@ -72,11 +72,12 @@ def test_real_e2e_run_smoke(tmp_path, smollm2_gguf):
     assert "| microspec | 1 | greedy |" in result.stdout
 
 
-def test_step_profile_counts_ops_per_stage_on_cpu():
+def test_step_profile_counts_ops_per_stage_on_cpu(tmp_path):
     """`step_profile.py` on a tiny Gemma3 (CPU: no CUDA kernels, so it reports the aten ops per stage): every
     stage of a tree step is labelled, and the draft stages exist only for the speculative config."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--shape",
-                             "tiny-gemma3", "--configs", "plain", "microspec:3,3,8", "--new", "24"],
+                             "tiny-gemma3", "--configs", "plain", "microspec:3,3,8", "--new", "24",
+                             "--out", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
