@@ -83,7 +83,7 @@ def load_drafter(args, target):
     if args.drafter.startswith("early-exit:"):
         n = int(args.drafter.split(":", 1)[1])
         return models.early_exit_drafter(target, n), f"the target's first {n} layers (early exit)"
-    model, _ = models.load_model(args.drafter, resolve_dtype(args), args.device)
+    model, _ = models.load_model(args.drafter, resolve_dtype(args), getattr(args, "device", "cpu"))
     return model, args.drafter
 
 

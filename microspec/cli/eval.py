@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ._common import DTYPES, tree_spec
+from ._common import DTYPES, load_drafter, tree_spec
 from .progress import add_quiet_arg, progress_bar
-from ..lab.policy_labels import corpus_successors, frequency_ranking, label_options, policy_from_label
+from ..lab.policy_labels import (corpus_successors, frequency_ranking, label_options, parse_label,
+                                 policy_from_label)
 
 DEFAULT_POLICIES = ("full,static@1024,static@3072,static@32768,incontext@1024,incontext@3072,"
                     "incontext+core@1024,incontext+core@3072")
@@ -94,21 +95,13 @@ def machine() -> dict:
 
 
 def load(args):
+    """(target, tokenizer, drafter, target description, drafter description); the drafter through the
+    CLI's one `--drafter` reader (`_common.load_drafter`), on the CPU."""
     from microspec import models
-    dtype = DTYPES[args.dtype]
-    target, tok = models.load_model(args.target, dtype)
+    target, tok = models.load_model(args.target, DTYPES[args.dtype])
     desc = str(models.find_smollm2(download=False)) if args.target == "smollm2" else args.target
-    if args.drafter == "self":
-        return target, tok, target, desc, "self (the target, pruned head)"
-    if args.drafter.startswith("early-exit:"):
-        n = int(args.drafter.split(":", 1)[1])
-        return target, tok, models.early_exit_drafter(target, n), desc, f"early exit after {n} layers"
-    if args.drafter.startswith("eagle:"):
-        from microspec.drafting.eagle import EagleDrafter
-        path = args.drafter.split(":", 1)[1]
-        return target, tok, EagleDrafter.from_pretrained(path, target), desc, f"EAGLE head {path}"
-    drafter, _ = models.load_model(args.drafter, dtype)
-    return target, tok, drafter, desc, args.drafter
+    drafter, drafter_desc = load_drafter(args, target)
+    return target, tok, drafter, desc, drafter_desc
 
 
 def _check_args(args) -> None:
@@ -163,6 +156,7 @@ def run(args) -> int:
     from microspec import SpecDecoder
     from microspec.lab import evaluation as ev
     from microspec.baseline import PlainDecoder
+    from microspec.inputs import resolve_special_ids
     from microspec.prompts import chat_rows, left_pad
     from microspec.models import cache_dir
     _check_args(args)
@@ -189,14 +183,14 @@ def run(args) -> int:
     print(f"target {target_desc}\ndrafter {drafter_desc}\n{args.dtype}, {shape}, "
           f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, loaded in {t_load:.0f} s", flush=True)
     rows = chat_rows(tok, [p.text for p in prompts])
-    gen_cfg = target.generation_config
-    eos = gen_cfg.eos_token_id
-    pad = gen_cfg.pad_token_id
-    pad = pad if pad is not None else (eos if isinstance(eos, int) else eos[0])
+    # The EOS / pad rule of `SpecDecoder.generate` (transformers' `generate` conventions), so the plain
+    # reference and every policy stop alike.
+    eos, pad = resolve_special_ids(generation_config=target.generation_config,
+                                   vocab_size=target.get_output_embeddings().weight.shape[0])
     batches = ev.length_batches([len(r) for r in rows], args.batch_size, args.max_length_ratio)
 
     ranking, freq_meta = None, None
-    if any(k.startswith(("static", "incontext+core")) for ls in labels.values() for k in ls):
+    if any(parse_label(k).needs_ranking for ls in labels.values() for k in ls):
         cache = (Path(args.freq_cache) if args.freq_cache
                  else cache_dir() / "eval" / f"freq_{name}.safetensors")
         t0 = time.perf_counter()
