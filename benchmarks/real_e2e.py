@@ -91,18 +91,20 @@ def prepare(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run (GPU)
+# method -> policy label (`microspec.lab.policy_labels`): the same names mean the same policies in `microspec
+# eval` and here.
+POLICY_LABELS = {
+    "eagle2": "full",
+    "frspec32k": "static@32768",
+    "frspec8k": "static@8192",
+    "microspec": "incontext@3072/k3/tree/grow",     # MicroSpec/NanoSpec: prompt ∪ top-3 ∪ tree ids, grow-only
+    "ours": "incontext+core512@2048/k10/tree",     # in-context, a 512-id frequency core, top-10, LRU
+}
+
+
 def make_policy(method: str, ranking: torch.Tensor):
-    from microspec.policies import FullVocab, InContextPolicy, StaticFrequencyPolicy
-    if method == "eagle2":
-        return FullVocab()
-    if method.startswith("frspec"):
-        return StaticFrequencyPolicy(ranking.long(), {"frspec32k": 32768, "frspec8k": 8192}[method])
-    if method == "microspec":       # MicroSpec/NanoSpec: prompt ∪ top-3 ∪ tree ids, no core, grow-only
-        return InContextPolicy(capacity=3072, topk=3, eviction=None, tree_ids=True)
-    if method == "ours":            # in-context with a frequency core, the target's top-10, LRU
-        return InContextPolicy(capacity=2048, topk=10, eviction="lru", core_ids=ranking[:512].long(),
-                               tree_ids=True)
-    raise ValueError(method)
+    from microspec.lab.policy_labels import policy_from_label
+    return policy_from_label(POLICY_LABELS[method], ranking.long())
 
 
 def batches(n: int, B: int):

@@ -11,7 +11,7 @@ from microspec.cli import _common
 from microspec.cli import coverage as cli_coverage
 from microspec.lab.policy_labels import (PolicyLabel, custom_factory, label_options, parse_label,
                                          policy_from_label)
-from microspec.policies import ClusterPolicy, FullVocab, InContextPolicy, StaticFrequencyPolicy
+from microspec.policies import ClusterPolicy, FullVocab, InContextPolicy, StaticFrequencyPolicy, UnionPolicy
 from microspec.policies.cluster import MetaClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,10 @@ PARSED = [
     ("incontext+core16@64/k7", PolicyLabel("incontext+core", 64, core=16, topk=7)),
     ("incontext+core16@64/k2/s3", PolicyLabel("incontext+core", 64, core=16, topk=2, successors=3)),
     ("incontext@64/s2/k5", PolicyLabel("incontext", 64, topk=5, successors=2)),
+    ("incontext@3072/k3/tree/grow", PolicyLabel("incontext", 3072, topk=3, tree=True, grow=True)),
+    ("incontext+core8@64/grow", PolicyLabel("incontext+core", 64, core=8, grow=True)),
+    ("adaptive@64", PolicyLabel("adaptive", 64)),
+    ("adaptive16@64/k2", PolicyLabel("adaptive", 64, core=16, topk=2)),
     ("cluster@8", PolicyLabel("cluster", 8)),
     ("custom@8", PolicyLabel("custom", 8)),
 ]
@@ -38,7 +42,7 @@ PARSED = [
 @pytest.mark.parametrize("label,expected", PARSED, ids=[x for x, _ in PARSED])
 def test_every_form_parses(label, expected):
     assert parse_label(label) == expected
-    assert expected.needs_ranking == (expected.kind in ("static", "incontext+core"))
+    assert expected.needs_ranking == (expected.kind in ("static", "incontext+core", "adaptive"))
 
 
 @pytest.fixture
@@ -63,6 +67,10 @@ BUILT = [
     ("incontext+core16@64/k7", InContextPolicy, 64, {"core": RANKING[:16].tolist(), "target_topk": 7}),
     ("incontext+core16@64/k2/s3", InContextPolicy, 64, {"target_topk": 2, "succ": 3}),
     ("incontext@64/s4", InContextPolicy, 64, {"succ": 4}),
+    ("incontext@64/k3/tree/grow", InContextPolicy, 64, {"eviction": None, "wants_block": True}),
+    ("incontext+core8@64/grow", InContextPolicy, 64, {"eviction": None, "wants_block": False,
+                                                      "core": RANKING[:8].tolist()}),
+    ("adaptive16@64/k2", UnionPolicy, None, {"target_topk": 2, "wants_block": True}),
     ("cluster@8", ClusterPolicy, 8, {}),
     ("custom@8", InContextPolicy, 8, {"eviction": "fifo", "target_topk": 0}),
 ]
@@ -102,7 +110,8 @@ def test_builder_defaults_fill_what_the_label_leaves_open():
 BAD = ["", "static", "static@", "static@0", "static@x", "static@-1", "static@8.5", "static@²", "@8",
        "banana@4", "full@8", "full/k3", "incontext+corex@8", "incontext+core-1@8", "incontextx@8",
        "static@8/k3", "cluster@8/s2", "custom@8/k1", "incontext@8/q3", "incontext@8/s", "incontext@8/k",
-       "incontext@8/kx", "incontext@8/", "incontext@8/k3@4"]
+       "incontext@8/kx", "incontext@8/", "incontext@8/k3@4", "static@8/tree", "incontext@8/trees",
+       "adaptive@8/s2", "adaptive@8/tree", "adaptivex@8", "cluster@8/grow"]
 
 
 @pytest.mark.parametrize("label", BAD)
@@ -118,6 +127,7 @@ def test_bad_labels_are_one_line_value_errors(label):
 @pytest.mark.parametrize("label,kwargs,fragment", [
     ("static@8", {}, "needs a frequency ranking"),
     ("incontext+core@8", {}, "needs a frequency ranking"),
+    ("adaptive@8", {}, "needs a frequency ranking"),
     ("incontext@64/s5", {"successors": SUCCESSORS}, "successor table with >= 5 columns"),
     ("incontext@64/s1", {}, "successor table"),
     ("cluster@8", {}, "--cluster-file"),
@@ -137,7 +147,8 @@ def test_custom_factory_imports_and_checks_what_it_builds():
 
 
 def test_every_label_in_the_docs_parses():
-    pattern = re.compile(r"\b(?:static|incontext(?:\+core\d*)?|cluster|custom)@\d+(?:/[ks]\d+)*")
+    pattern = re.compile(r"\b(?:static|incontext(?:\+core\d*)?|adaptive\d*|cluster|custom)@\d+"
+                         r"(?:/(?:[ks]\d+|tree|grow))*")
     labels = {m for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
               for m in pattern.findall(path.read_text())}
     assert len(labels) > 5

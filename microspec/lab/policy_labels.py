@@ -9,6 +9,11 @@ a coverage run and a GPU replay.
     incontext+core<N>@C        ... plus a core of N ids
     .../k<N>, .../s<N>         in-context suffixes: the target's top-N per position; N corpus successors
                                per id
+    .../tree, .../grow         in-context suffixes: admit every drafted tree node and the target's top-k
+                               there (`tree_ids`); grow-only, no eviction (MicroSpec's recipe:
+                               incontext@3072/k3/tree/grow)
+    adaptive@C, adaptive<G>@C  `adaptive_recipe`: MicroSpec's recipe at C ∪ a per-row frequency core that
+                               grows by G ids (default 64) per miss of the in-context set; takes /k<N>
     cluster@C                  ClusterPolicy from a `microspec fit-clusters` file
     custom@C                   what a user factory returns for capacity=C (`microspec coverage --custom`)
 
@@ -27,26 +32,29 @@ import torch
 
 from .data import FITTING_CORPORA
 
-SIZED_KINDS = ("static", "incontext", "incontext+core", "cluster", "custom")   # <kind>@<capacity>
+SIZED_KINDS = ("static", "incontext", "incontext+core", "adaptive", "cluster", "custom")   # <kind>@<C>
 _CORE = "incontext+core"
+_ADAPTIVE = "adaptive"
 
 
 @dataclass(frozen=True)
 class PolicyLabel:
     """A parsed label. kind: "full" or one of `SIZED_KINDS`; capacity: C (None for full); core: N of
-    incontext+core<N> (None: the builder's default); topk: N of /k<N> (None: the builder's default);
-    successors: N of /s<N> (0: none)."""
+    incontext+core<N> or G of adaptive<G> (None: the builder's default); topk: N of /k<N> (None: the
+    builder's default); successors: N of /s<N> (0: none); tree: /tree; grow: /grow."""
 
     kind: str
     capacity: int | None = None
     core: int | None = None
     topk: int | None = None
     successors: int = 0
+    tree: bool = False
+    grow: bool = False
 
     @property
     def needs_ranking(self) -> bool:
         """Whether building it needs a frequency ranking (so callers count one only when a label asks)."""
-        return self.kind in ("static", _CORE)
+        return self.kind in ("static", _CORE, _ADAPTIVE)
 
 
 def parse_label(label: str) -> PolicyLabel:
@@ -55,33 +63,40 @@ def parse_label(label: str) -> PolicyLabel:
         return PolicyLabel("full")
     head, *suffixes = label.split("/")
     kind, _, cap = head.partition("@")
-    topk, successors = _suffixes(label, suffixes)
+    topk, successors, tree, grow = _suffixes(label, suffixes)
     if not _is_number(cap) or int(cap) < 1:
         raise ValueError(f"policy {label!r}: expected full or <kind>@<capacity>")
     core = None
-    if kind.startswith(_CORE):
-        size = kind[len(_CORE):]
-        if size and not _is_number(size):
-            raise ValueError(f"policy {label!r}: expected incontext+core@C or incontext+core<N>@C")
-        kind, core = _CORE, int(size) if size else None
+    for sized in (_CORE, _ADAPTIVE):
+        if kind.startswith(sized):
+            size = kind[len(sized):]
+            if size and not _is_number(size):
+                raise ValueError(f"policy {label!r}: expected {sized}@C or {sized}<N>@C")
+            kind, core = sized, int(size) if size else None
     if kind not in SIZED_KINDS:
         raise ValueError(f"unknown policy kind {kind!r}: use full, {', '.join(SIZED_KINDS)}")
-    return PolicyLabel(kind, int(cap), core, topk, successors)
+    if kind == _ADAPTIVE and (successors or tree or grow):
+        raise ValueError(f"policy {label!r}: adaptive labels take only /k<N> (tree ids and growth are "
+                         "part of the recipe)")
+    return PolicyLabel(kind, int(cap), core, topk, successors, tree, grow)
 
 
-def _suffixes(label: str, parts: list[str]) -> tuple[int | None, int]:
-    """An in-context label's suffixes -> (target top-k of /k<N> or None, successors per id of /s<N> or 0)."""
-    topk, successors = None, 0
+def _suffixes(label: str, parts: list[str]) -> tuple[int | None, int, bool, bool]:
+    """An in-context (or adaptive) label's suffixes -> (target top-k of /k<N> or None, successors per id of
+    /s<N> or 0, /tree, /grow)."""
+    topk, successors, flags = None, 0, set()
     for part in parts:
-        if (not label.startswith("incontext") or len(part) < 2 or part[0] not in "ks"
-                or not _is_number(part[1:])):
-            raise ValueError(f"policy {label!r}: only in-context labels take /k<N> (top-k) and /s<N> "
-                             "(successors) suffixes")
-        if part[0] == "k":
+        if not label.startswith(("incontext", _ADAPTIVE)) or not (
+                part in ("tree", "grow") or (len(part) >= 2 and part[0] in "ks" and _is_number(part[1:]))):
+            raise ValueError(f"policy {label!r}: only in-context labels take the suffixes /k<N> (top-k), "
+                             "/s<N> (successors), /tree and /grow")
+        if part in ("tree", "grow"):
+            flags.add(part)
+        elif part[0] == "k":
             topk = int(part[1:])
         else:
             successors = int(part[1:])
-    return topk, successors
+    return topk, successors, "tree" in flags, "grow" in flags
 
 
 def _is_number(text: str) -> bool:
@@ -134,12 +149,17 @@ def policy_from_label(label: str, ranking: torch.Tensor | None = None, cluster_f
     C = spec.capacity
     if spec.kind == "static":
         return StaticFrequencyPolicy(ranking, C)
+    k = topk if spec.topk is None else spec.topk
     if spec.kind in ("incontext", _CORE):
         core_ids = None
         if spec.kind == _CORE:
             core_ids = ranking[: spec.core if spec.core is not None else (C // 4 if core is None else core)]
-        return InContextPolicy(C, topk if spec.topk is None else spec.topk, eviction, core_ids,
-                               successors=successors[:, : spec.successors] if spec.successors else None)
+        return InContextPolicy(C, k, None if spec.grow else eviction, core_ids,
+                               successors=successors[:, : spec.successors] if spec.successors else None,
+                               tree_ids=spec.tree)
+    if spec.kind == _ADAPTIVE:
+        from ..policies import adaptive_recipe
+        return adaptive_recipe(ranking, C, k, grow=64 if spec.core is None else spec.core)
     if spec.kind == "cluster":
         if cluster_file is None:
             raise ValueError(f"policy {label!r} needs --cluster-file (a `microspec fit-clusters` output)")
