@@ -43,8 +43,8 @@ from .verification import Verdict, verify
 class EngineParts:
     """What a run is made of. vocab_size: ids the policy may hold (the shared vocabulary, <= the target's).
     verifier: decides what a block commits (swap it to impose acceptance, as `benchmarks/bench_e2e.py`
-    does). compile: run the policy's per-step updates through `microspec.compiling.compiled` (a tree step's
-    in-context update is ~150 small ops)."""
+    does). compile: run the policy's per-step updates and the step's own arithmetic (`microspec.step_ops`)
+    through `microspec.compiling.compiled` (a tree step's in-context update alone is ~150 small ops)."""
 
     target: ModelBackend
     proposer: Proposer
