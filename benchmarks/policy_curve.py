@@ -11,12 +11,20 @@ tau(policy) / tau(full): both policies resampled with the same prompt draw, so p
 Greedy outputs of every policy are compared with the full-vocabulary run's (lossless: they must be equal up
 to float near-ties); sampling uses the same per-prompt seed for every policy.
 
-Policy labels (built here; `microspec/lab/policy_labels.py` has no label for them yet):
+Policy names (short forms kept for the results already recorded; the label grammar's equivalents of
+`microspec.lab.policy_labels` in brackets):
     full                      FullVocab
     ctx/k<k>                  MicroSpec recipe: InContextPolicy(3072, k, grow-only, tree_ids=True)
+                              [incontext@3072/k<k>/tree/grow]
     ctx+core<N>/k<k>          ... plus a pinned core of the N most frequent ids (capacity 3072 + N)
     adapt<G>/k<k>             adaptive_recipe: recipe ∪ AdaptiveCorePolicy(grow G per novel token, <= 2048)
+                              [adaptive<G>@3072/k<k>]
     ctx+cluster<C>/k<k>       UnionPolicy(recipe, ClusterPolicy file at capacity C)
+
+Prompts: `--subset eval` is `microspec eval`'s subset (3 per task); `--subset wide` takes up to 10 per task
+from the same files (`wide_subset`: one MT-bench question per category, the shortest Spec-Bench articles for
+summarization and RAG, the first ids elsewhere), for per-task intervals narrow enough to matter. Runs split
+by --tasks (one process per core) are joined with `--plot-only A.json B.json --merge-into ALL.json`.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/policy_curve.py --tree 4,4,16 \\
         --policies full,ctx/k3,adapt64/k3 --json benchmarks/results/policy_curve_smollm2_t4.json
@@ -116,6 +124,48 @@ def summarise(tasks: list[str], per_label: dict[str, list[dict]]) -> dict:
     return out
 
 
+def wide_subset(per_task: int, root: Path | None = None) -> dict:
+    """Up to 10 prompts per task from the evaluation files (task -> (file, ids), as `SUBSET`): MT-bench one
+    question per category (81, writing's first, is an AlpacaEval instruction: 82 instead), Spec-Bench
+    summarization and RAG the shortest articles (CPU prefill), every other task its first ids. Evaluation
+    prompts only; `check_disjoint` verifies none is in a fitting corpus."""
+    from microspec.lab.data import shared_data_dir
+    root = Path(root) if root is not None else shared_data_dir()
+    n = min(per_task, 10)
+    spec = [json.loads(line) for line in open(root / "spec_bench" / "question.jsonl")]
+
+    def shortest(category):
+        rows = [r for r in spec if r["category"] == category]
+        return tuple(r["question_id"] for r in sorted(rows, key=lambda r: len(r["turns"][0]))[:n])
+
+    def first(category):
+        return tuple(r["question_id"] for r in spec if r["category"] == category)[:n]
+    sb = "spec_bench/question.jsonl"
+    return {"mt_bench": ("mt_bench/question.jsonl", (82, 91, 101, 111, 121, 131, 141, 151, 92, 102)[:n]),
+            "translation": (sb, first("translation")), "summarization": (sb, shortest("summarization")),
+            "qa": (sb, first("qa")), "math_reasoning": (sb, first("math_reasoning")),
+            "rag": (sb, shortest("rag")),
+            "humaneval": ("eagle_bench/humaneval.question.jsonl", tuple(range(n))),
+            "gsm8k": ("eagle_bench/gsm8k.question.jsonl", tuple(range(n)))}
+
+
+def merge(results: list[dict]) -> dict:
+    """Runs of the same model, tree and policies over different prompts -> one result (prompts and each
+    policy's per-prompt rows concatenated, per mode; statistics re-derived by the caller)."""
+    out = json.loads(json.dumps(results[0]))
+    for r in results[1:]:
+        if (r["model"], r["tree"], r["max_new_tokens"]) != (out["model"], out["tree"], out["max_new_tokens"]):
+            raise ValueError("--merge-into: runs of different models, trees or lengths")
+        out["prompts"] += r["prompts"]
+        for mode, rec in r["runs"].items():
+            for label, entry in rec["policies"].items():
+                mine = out["runs"][mode]["policies"][label]
+                mine["rows"] += entry["rows"]
+                mine["seconds"] = round(mine["seconds"] + entry["seconds"], 1)
+        out["command"] += " + " + r["command"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 def measure(args) -> dict:
     from microspec import SpecDecoder, models
@@ -130,7 +180,8 @@ def measure(args) -> dict:
     if labels[0] != "full":
         raise ValueError("the first policy must be full (the reference of every ratio)")
     tasks = None if args.tasks is None else args.tasks.split(",")
-    prompts = ev.load_subset(per_task=args.per_task, tasks=tasks)
+    subset = wide_subset(args.per_task) if args.subset == "wide" else ev.SUBSET
+    prompts = ev.load_subset(subset, per_task=args.per_task, tasks=tasks)
     ev.check_disjoint(prompts)
     t0 = time.perf_counter()
     target, tok = models.load_model(args.model, torch.float32)
@@ -275,9 +326,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=str(ROOT / "docs" / "policy_curve.png"))
     p.add_argument("--plot-only", nargs="*", default=None, help="re-plot / re-tabulate these JSON files")
+    p.add_argument("--subset", default="eval", choices=["eval", "wide"])
+    p.add_argument("--merge-into", default=None, help="with --plot-only: join the runs into this JSON file")
     args = p.parse_args(argv)
     if args.plot_only is not None:
         results = [json.loads(Path(f).read_text()) for f in args.plot_only]
+        if args.merge_into:
+            results = [merge(results)]
+            Path(args.merge_into).write_text(json.dumps(results[0], indent=1) + "\n")
         for r in results:                        # re-derive the statistics from the raw per-prompt rows
             task_of = [p["task"] for p in r["prompts"]]
             for rec in r["runs"].values():
