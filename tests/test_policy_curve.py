@@ -47,3 +47,24 @@ def test_pooled_tau_and_paired_bootstrap():
     assert stats["half"]["all"]["prompts"] == 3 and stats["full"]["all"]["pct_ci95"] == [100.0, 100.0]
     md = curve.markdown({"model": "m", "tree": "4,4,16", "runs": {"greedy": {"tasks": stats}}})
     assert "| half | " in md and "50.0 %" in md
+
+
+def test_wide_subset_is_evaluation_only_and_runs_merge():
+    from microspec.lab import evaluation as ev
+    from microspec.paths import shared_data_dir
+    if shared_data_dir() is None or not (shared_data_dir() / "spec_bench" / "question.jsonl").is_file():
+        pytest.skip("../shared/data not found")
+    prompts = ev.load_subset(curve.wide_subset(8), per_task=8)
+    assert len(prompts) == 64 and {p.task for p in prompts} == set(ev.SUBSET)
+    ev.check_disjoint(prompts)                                   # none is a fitting-corpus prompt
+
+    def run(tasks, steps):
+        rows = [{"steps": s, "accepted": s, "active": 10 * s} for s in steps]
+        return {"model": "m", "tree": "4,4,16", "max_new_tokens": 8, "command": "c",
+                "prompts": [{"task": t} for t in tasks],
+                "runs": {"greedy": {"policies": {"full": {"rows": rows, "seconds": 1.0}}}}}
+    merged = curve.merge([run(["a"], [2]), run(["b", "b"], [3, 4])])
+    assert [p["task"] for p in merged["prompts"]] == ["a", "b", "b"]
+    assert [r["steps"] for r in merged["runs"]["greedy"]["policies"]["full"]["rows"]] == [2, 3, 4]
+    with pytest.raises(ValueError, match="different models"):
+        curve.merge([run(["a"], [2]), {**run(["b"], [3]), "tree": "10,6,60"}])
