@@ -299,7 +299,8 @@ def plot(results: list[dict], path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("mean active rows")
         ax.set_ylabel("tau, % of full vocabulary")
-        ax.set_title(f"{r['model']} + EAGLE head, tree {r['tree']}, {mode}", fontsize=9)
+        ax.set_title(f"{r['model']} + EAGLE head, tree {r['tree']}, {mode}, {len(r['prompts'])} prompts",
+                     fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
