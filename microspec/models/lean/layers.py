@@ -72,7 +72,7 @@ def write_kv(kv: Tensor, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> N
     [B, T]).
 
     One `index_put_` at device-side indices into the layer's buffer itself (not into a K or V view of it,
-    which a compiled graph would scatter back through the whole buffer): no host sync, static shapes, and
+    which a compiled graph may write back through the whole buffer): no host sync, static shapes, and
     the new K/V go in straight from the projection layout (no transpose)."""
     which = torch.arange(2, device=kv.device).view(2, 1, 1)
     kv[which, rows, :, slots] = torch.stack((k, v))
