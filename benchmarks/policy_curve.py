@@ -50,26 +50,34 @@ DEFAULT_POLICIES = "full,ctx/k3,ctx+core1024/k3,adapt64/k3"
 
 
 def build_policy(label: str, ranking, cluster_file=None):
-    """A label of the module docstring -> a fresh policy."""
-    from microspec.policies import FullVocab, InContextPolicy, UnionPolicy, adaptive_recipe
-    if label == "full":
-        return FullVocab()
-    m = re.fullmatch(r"(ctx|ctx\+core(\d+)|adapt(\d+)|ctx\+cluster(\d+))/k(\d+)", label)
+    """A short name of the module docstring -> a fresh policy, through the label grammar where it has the
+    form (`grammar_label`); the cluster union is composed here."""
+    from microspec.lab.policy_labels import policy_from_label
+    from microspec.policies import InContextPolicy, UnionPolicy
+    m = re.fullmatch(r"ctx\+cluster(\d+)/k(\d+)", label)
     if not m:
-        raise ValueError(f"unknown policy label {label!r}")
-    k = int(m.group(5))
-    if m.group(1) == "ctx":
-        return InContextPolicy(3072, k, eviction=None, tree_ids=True)
-    if m.group(2):
-        n = int(m.group(2))
-        return InContextPolicy(3072 + n, k, eviction=None, core_ids=ranking[:n], tree_ids=True)
-    if m.group(3):
-        return adaptive_recipe(ranking, 3072, k, max_core=2048, grow=int(m.group(3)))
+        return policy_from_label(grammar_label(label), ranking)
     from microspec.policies.cluster import ClusterPolicy
     if cluster_file is None:
         raise ValueError(f"{label}: needs --cluster-file")
-    return UnionPolicy(InContextPolicy(3072, k, eviction=None, tree_ids=True),
-                       ClusterPolicy.load(cluster_file, int(m.group(4))))
+    return UnionPolicy(InContextPolicy(3072, int(m.group(2)), eviction=None, tree_ids=True),
+                       ClusterPolicy.load(cluster_file, int(m.group(1))))
+
+
+def grammar_label(name: str) -> str:
+    """full, ctx/kK, ctx+coreN/kK, adaptG/kK -> the `microspec.lab.policy_labels` label of the same policy."""
+    if name == "full":
+        return "full"
+    m = re.fullmatch(r"(ctx|ctx\+core(\d+)|adapt(\d+))/k(\d+)", name)
+    if not m:
+        raise ValueError(f"unknown policy label {name!r}")
+    k = m.group(4)
+    if m.group(2):
+        n = int(m.group(2))
+        return f"incontext+core{n}@{3072 + n}/k{k}/tree/grow"
+    if m.group(3):
+        return f"adaptive{m.group(3)}@3072/k{k}"
+    return f"incontext@3072/k{k}/tree/grow"
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -173,6 +181,7 @@ def measure(args) -> dict:
     from microspec.drafting.tree import TreeSpec
     from microspec.lab import evaluation as ev
     from microspec.lab.policy_labels import frequency_ranking
+    from microspec.inputs import resolve_special_ids
     from microspec.prompts import encode_prompt, left_pad
 
     torch.set_num_threads(1)
@@ -191,9 +200,8 @@ def measure(args) -> dict:
     ranking, _ = frequency_ranking(tok, name, cache_dir() / "eval" / f"freq_{name}.safetensors")
     tree = TreeSpec(*(int(x) for x in args.tree.split(",")))
     rows = [encode_prompt(tok, p.text, args.prompt_format) for p in prompts]
-    eos = target.generation_config.eos_token_id
-    pad = target.generation_config.pad_token_id
-    pad = pad if pad is not None else (eos if isinstance(eos, int) else eos[0])
+    eos, pad = resolve_special_ids(generation_config=target.generation_config,     # as `microspec eval`
+                                   vocab_size=target.get_output_embeddings().weight.shape[0])
     batches = ev.length_batches([len(r) for r in rows], args.batch_size)
     print(f"{name}: {len(prompts)} prompts, tree {args.tree}, loaded in {time.perf_counter() - t0:.0f} s",
           flush=True)
