@@ -5,7 +5,8 @@ the whole static cache of S slots with an additive mask. With batch 1 and few KV
 (batch, KV head) pairs: kernels that give each pair one thread block (cuDNN's and the memory-efficient SDPA
 kernels) run on one or three of the H200's 132 SMs and take time proportional to S. Each variant is compiled
 with Inductor (as the layers are) and timed inside a CUDA graph, `LAYERS` calls over different caches per
-replay, so launch gaps count as they do in a decode step:
+replay (`benchmarks.common.time_us_rotating`: per call, median of 20 replays; the committed 2026-12-01 table
+used the mean), so launch gaps count as they do in a decode step:
 
     sdpa        F.scaled_dot_product_attention (default backend choice; cuDNN on the H200)
     sdpa-mem    the same, memory-efficient backend forced
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, save  # noqa: E402
+from benchmarks.common import environment, save, time_us_rotating  # noqa: E402
 
 LAYERS = 18
 GEOMETRY = {"gemma3-270m": (4, 1, 256), "smollm2-135m": (9, 3, 64), "qwen2.5-1.5b": (12, 2, 128)}
@@ -78,22 +79,6 @@ def inputs(B, T, geometry, S, device, dtype, layers):
     return qf, caches, mask, Dh ** -0.5
 
 
-def time_graph_us(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
@@ -119,7 +104,7 @@ def main(argv=None) -> int:
                 row[f"{name}_err"] = float((out - ref).abs().max())
                 if not args.smoke:
                     every_layer = [lambda k=k, v=v: fn(qf, k, v, mask, scale) for k, v in caches]
-                    row[f"{name}_us"] = time_graph_us(lambda: [f() for f in every_layer]) / layers
+                    row[f"{name}_us"] = time_us_rotating(every_layer, calls=len(every_layer), reps=20)
             except Exception as e:              # a variant a backend cannot run: reported, not fatal
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
         rows.append(row)
