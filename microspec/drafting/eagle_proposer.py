@@ -245,13 +245,16 @@ class EagleProposer:
         """[B, W, D] -> [B, W, C] over the bound set; padding slots -inf (after any logit transform)."""
         logits = self.backend.logits(h, head=self.head)                                 # [B, W, C]
         self.nan_seen |= torch.isnan(logits).any()
-        pad = torch.arange(logits.shape[-1], device=logits.device) >= n_active.view(-1, 1, 1)
-        return logits.masked_fill(pad, float("-inf"))
+        return logits.masked_fill(_padding(logits, n_active), float("-inf"))
+
+
+def _padding(logits: Tensor, n_active: Tensor) -> Tensor:
+    """bool [R, 1, C]: the slots of logits [B, W, C] past each row's n_active [R] (R = 1 or B)."""
+    return torch.arange(logits.shape[-1], device=logits.device) >= n_active.view(-1, 1, 1)
 
 
 def _level_logp(logits: Tensor, n_active: Tensor) -> tuple[Tensor, Tensor]:
     """logits [B, W, C] over slots, n_active [R] -> (float32 log_softmax with slots >= n_active at -inf,
     bool [] whether a NaN was seen): one tree level's masking, one fused kernel when compiled."""
-    nan = torch.isnan(logits).any()
-    pad = torch.arange(logits.shape[-1], device=logits.device) >= n_active.view(-1, 1, 1)
-    return torch.log_softmax(logits.float().masked_fill(pad, float("-inf")), dim=-1), nan
+    masked = logits.float().masked_fill(_padding(logits, n_active), float("-inf"))
+    return torch.log_softmax(masked, dim=-1), torch.isnan(logits).any()
