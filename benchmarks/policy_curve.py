@@ -21,9 +21,10 @@ Policy names (short forms kept for the results already recorded; the label gramm
                               [adaptive<G>@3072/k<k>]
     ctx+cluster<C>/k<k>       UnionPolicy(recipe, ClusterPolicy file at capacity C)
 
-Prompts: `--subset eval` is `microspec eval`'s subset (3 per task); `--subset wide` takes up to 10 per task
-from the same files (`wide_subset`: one MT-bench question per category, the shortest Spec-Bench articles for
-summarization and RAG, the first ids elsewhere), for per-task intervals narrow enough to matter. Runs split
+Prompts: `--subset eval` is `microspec eval`'s subset (3 per task); `--subset wide` takes --per-task prompts
+per task from the same files (`wide_subset`: one MT-bench question per category, at most 10; the shortest
+Spec-Bench articles for summarization and RAG, the first ids elsewhere, at most 80), for per-task intervals
+narrow enough to matter. Runs split
 by --tasks (one process per core) are joined with `--plot-only A.json B.json --merge-into ALL.json`.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/policy_curve.py --tree 4,4,16 \\
@@ -133,28 +134,32 @@ def summarise(tasks: list[str], per_label: dict[str, list[dict]]) -> dict:
 
 
 def wide_subset(per_task: int, root: Path | None = None) -> dict:
-    """Up to 10 prompts per task from the evaluation files (task -> (file, ids), as `SUBSET`): MT-bench one
-    question per category (81, writing's first, is an AlpacaEval instruction: 82 instead), Spec-Bench
-    summarization and RAG the shortest articles (CPU prefill), every other task its first ids. Evaluation
-    prompts only; `check_disjoint` verifies none is in a fitting corpus."""
-    from microspec.lab.data import shared_data_dir
+    """`per_task` prompts per task from the evaluation files (task -> (file, ids), as `SUBSET`): MT-bench one
+    question per category (81, writing's first, is an AlpacaEval instruction: 82 instead; at most 10),
+    Spec-Bench summarization and RAG the shortest articles (CPU prefill), every other task its first ids (at
+    most 80). A larger `per_task` extends a smaller one's list, so runs of different sizes share prompts.
+    Evaluation prompts only; `check_disjoint` verifies none is in a fitting corpus and none is there twice."""
+    from microspec.lab.data import same_text_key, shared_data_dir
     root = Path(root) if root is not None else shared_data_dir()
-    n = min(per_task, 10)
+    n = per_task
     spec = [json.loads(line) for line in open(root / "spec_bench" / "question.jsonl")]
 
     def shortest(category):
         rows = [r for r in spec if r["category"] == category]
         return tuple(r["question_id"] for r in sorted(rows, key=lambda r: len(r["turns"][0]))[:n])
 
-    def first(category):
-        return tuple(r["question_id"] for r in spec if r["category"] == category)[:n]
-    sb = "spec_bench/question.jsonl"
+    def first(category, skip=frozenset()):
+        return tuple(r["question_id"] for r in spec if r["category"] == category
+                     and same_text_key(r["turns"][0]) not in skip)[:n]
+    sb, gsm8k = "spec_bench/question.jsonl", "eagle_bench/gsm8k.question.jsonl"
+    # Spec-Bench's math_reasoning is drawn from GSM8K test: three of its questions are in the GSM8K file too.
+    in_gsm8k = frozenset(same_text_key(json.loads(line)["turns"][0]) for line in open(root / gsm8k))
     return {"mt_bench": ("mt_bench/question.jsonl", (82, 91, 101, 111, 121, 131, 141, 151, 92, 102)[:n]),
             "translation": (sb, first("translation")), "summarization": (sb, shortest("summarization")),
-            "qa": (sb, first("qa")), "math_reasoning": (sb, first("math_reasoning")),
+            "qa": (sb, first("qa")), "math_reasoning": (sb, first("math_reasoning", in_gsm8k)),
             "rag": (sb, shortest("rag")),
             "humaneval": ("eagle_bench/humaneval.question.jsonl", tuple(range(n))),
-            "gsm8k": ("eagle_bench/gsm8k.question.jsonl", tuple(range(n)))}
+            "gsm8k": (gsm8k, tuple(range(n)))}
 
 
 def merge(results: list[dict]) -> dict:

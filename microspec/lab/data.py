@@ -322,6 +322,12 @@ def load_corpus(spec: str | os.PathLike, prompt_field: str | None = None, respon
     return Corpus(text, pairs, tuple(p.resolve() for p in files))
 
 
+def same_text_key(text: str) -> str:
+    """A prompt's key for "is this the same prompt": case and whitespace folded (used to keep evaluation
+    prompts out of training and fitting corpora, and to refuse duplicates)."""
+    return " ".join(text.split()).lower()
+
+
 def load_pairs(spec: str | os.PathLike, prompt_field: str | None = None, response_field: str | None = None,
                limit: int | None = None) -> list[tuple[str, str]]:
     """(prompt, response) pairs of a shared dataset name or a file. See `load_corpus`."""

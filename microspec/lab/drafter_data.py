@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import load_pairs, shared_data_dir
+from .data import load_pairs, same_text_key, shared_data_dir
 from .teacher import length_batches, pad_rows
 from ..inputs import eos_ids_of
 from ..prompts import encode_prompt
@@ -43,10 +43,6 @@ class Sequence:
     source: str             # "greedy", "t0.7", "real", ...
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def evaluation_prompts() -> set[str]:
     """Normalised texts of every evaluation prompt (Spec-Bench and MT-bench turns, GSM8K test questions,
     HumanEval prompts)."""
@@ -56,7 +52,7 @@ def evaluation_prompts() -> set[str]:
         with open(root / rel) as f:
             texts += [t for line in f if line.strip() for t in json.loads(line)["turns"]]
     texts += [q for q, _ in load_pairs("gsm8k:test")] + [p for p, _ in load_pairs("humaneval")]
-    return {_norm(t) for t in texts}
+    return {same_text_key(t) for t in texts}
 
 
 def training_pairs(sources=DEFAULT_SOURCES, decontaminate: bool = True) -> dict[str, list[str]]:
@@ -76,7 +72,7 @@ def training_pairs(sources=DEFAULT_SOURCES, decontaminate: bool = True) -> dict[
                 pairs.setdefault(prompt, []).append(answer)
     if decontaminate:
         banned = evaluation_prompts()
-        pairs = {p: a for p, a in pairs.items() if _norm(p) not in banned}
+        pairs = {p: a for p, a in pairs.items() if same_text_key(p) not in banned}
     return pairs
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..engine import DecodeRun, Prefilled
-from .data import FITTING_CORPORA, load_pairs, shared_data_dir
+from .data import FITTING_CORPORA, load_pairs, same_text_key, shared_data_dir
 
 # The fixed evaluation subset: task -> (file under the shared data folder, question ids). The first turn of
 # each question is the user message (chat template applied). Spec-Bench's first 80 questions are MT-bench, so
@@ -77,17 +77,13 @@ def load_subset(subset=SUBSET, per_task: int | None = None, tasks=None,
     return prompts
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
 def check_disjoint(prompts: list[EvalPrompt], corpora=FITTING_CORPORA) -> None:
     """Raise ValueError if an evaluation prompt is also a prompt of a fitting corpus (its answer would have
     been counted into the frequency table), or if two evaluation prompts are the same text."""
-    texts = [_norm(p.text) for p in prompts]
+    texts = [same_text_key(p.text) for p in prompts]
     if len(set(texts)) != len(texts):
         raise ValueError("the evaluation subset holds the same prompt twice")
-    fitted = {_norm(q) for spec in corpora for q, _ in load_pairs(spec)}
+    fitted = {same_text_key(q) for spec in corpora for q, _ in load_pairs(spec)}
     clash = [f"{p.task}:{p.id}" for p, t in zip(prompts, texts) if t in fitted]
     if clash:
         raise ValueError(f"evaluation prompts {clash} are prompts of the fitting corpora {list(corpora)}")
