@@ -60,7 +60,7 @@ def test_wide_subset_is_evaluation_only_and_runs_merge():
     ev.check_disjoint(prompts)                                   # none is a fitting-corpus prompt
     wider = ev.load_subset(curve.wide_subset(40), per_task=40, tasks=["gsm8k", "math_reasoning", "mt_bench"])
     assert sum(p.task == "gsm8k" for p in wider) == 40 and sum(p.task == "mt_bench" for p in wider) == 10
-    ev.check_disjoint(wider)            # Spec-Bench math_reasoning questions that are GSM8K-file ones: skipped
+    ev.check_disjoint(wider)            # Spec-Bench math_reasoning's questions in the GSM8K file: skipped
     first = [p.id for p in prompts if p.task == "gsm8k"]
     assert [p.id for p in wider if p.task == "gsm8k"][:8] == first     # a wider run extends a narrower one
 

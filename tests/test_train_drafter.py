@@ -95,10 +95,11 @@ def test_self_distillation_answers_follow_their_prompts():
 
 @pytest.mark.skipif(shared_data_dir(required=False) is None, reason="needs ../shared/data")
 def test_training_prompts_exclude_evaluation_sets():
-    from microspec.lab.drafter_data import _norm, evaluation_prompts, training_pairs
+    from microspec.lab.data import same_text_key
+    from microspec.lab.drafter_data import evaluation_prompts, training_pairs
     pairs = training_pairs()
     banned = evaluation_prompts()
-    assert len(pairs) > 8000 and not any(_norm(p) in banned for p in pairs)
+    assert len(pairs) > 8000 and not any(same_text_key(p) in banned for p in pairs)
     assert max(len(a) for a in pairs.values()) == 6                                # six AlpacaEval models
 
 
@@ -170,3 +171,24 @@ def test_cli_smoke_run_and_resume(tmp_path, capsys):
     EagleDrafter.from_pretrained(out, tiny_random_model(seed=0))                    # the same tiny target
     assert main([*args[:-4], "--steps", "8", "--resume"]) == 0
     assert json.loads((out / "eagle_drafter.json").read_text())["training"]["steps"] == 8
+
+
+def test_cli_init_starts_from_a_trained_head(tmp_path, capsys):
+    from safetensors.torch import load_file
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["train-drafter", "--model", "tiny", "--smoke", "--device", "cpu", "--no-progress",
+            "--random-prompts", "10", "--max-new", "6", "--eval-every", "3"]
+    assert main([*base, "--out", str(first), "--steps", "3"]) == 0
+    assert main([*base, "--out", str(second), "--steps", "1", "--lr", "0", "--init", str(first)]) == 0
+    a, b = (load_file(str(d / "eagle_drafter.safetensors")) for d in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)        # lr 0: the head it began
+    config = json.loads((second / "eagle_drafter.json").read_text())
+    assert config["training"]["arguments"]["init"] == str(first)
+    bad = [(["--init", str(first), "--resume"], "--init and --resume"),
+           (["--init", str(tmp_path / "missing")], "no EAGLE drafter checkpoint"),
+           (["--init", str(first), "--seed", "1"], "trained for another model")]       # another tiny target
+    for extra, message in bad:
+        capsys.readouterr()
+        assert main([*base, "--out", str(tmp_path / "bad"), *extra]) != 0
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1

@@ -4,7 +4,9 @@ Builds the data (the target's own answers to training prompts that are not evalu
 corpora's real answers), trains online on the target's features and writes into --out: the drafter
 (eagle_drafter.json + eagle_drafter.safetensors in bf16, loadable with `EagleDrafter.from_pretrained(out,
 target)`), log.jsonl and loss.png (with matplotlib); into --state-dir (default --out): dataset.safetensors
-(token ids) and trainer_state.pt (fp32 weights + optimizer), which --resume continues from.
+(token ids) and trainer_state.pt (fp32 weights + optimizer), which --resume continues from. --init starts
+from a trained head's weights instead of a fresh initialisation (new data, optimizer and schedule: longer
+training on more data without the first run's state directory).
 
     microspec train-drafter --model smollm2 --out checkpoints/eagle-smollm2           # GPU, a few minutes
     microspec train-drafter --model tiny --smoke --out /tmp/eagle-smoke --device cpu    # CPU, seconds
@@ -36,6 +38,9 @@ def register(sub) -> None:
                         "in fp32")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a seconds-long check (tests)")
     p.add_argument("--resume", action="store_true", help="continue from --state-dir's dataset and state")
+    p.add_argument("--init", default=None,
+                   help="start from this trained head (a --out directory of this command, for the same "
+                        "target) instead of a fresh initialisation")
     p.add_argument("--seed", type=int, default=0)
     d = p.add_argument_group("data")
     d.add_argument("--sources", default="alpaca:*,gsm8k:train",
@@ -99,10 +104,16 @@ def run(args) -> int:
     from microspec.lab.train_drafter import STATE_FILE, TrainConfig, train
     if args.smoke:
         _apply_smoke(args)
+    if args.init and args.resume:
+        raise ValueError("--init and --resume: --resume already continues a head (and its optimizer)")
+    if args.init:
+        EagleDrafter.read_config(args.init)                       # a missing or foreign file: before any work
     out = Path(args.out)
     torch.manual_seed(args.seed)
     target, tokenizer = _load(args)
     target.eval().requires_grad_(False)
+    # a head trained for another model is refused here, before the data is built; fp32 master weights
+    start = EagleDrafter.from_pretrained(args.init, target, dtype=torch.float32) if args.init else None
     state_dir = Path(args.state_dir) if args.state_dir else out
     data_file = state_dir / "dataset.safetensors"
     t0 = time.time()
@@ -137,7 +148,8 @@ def run(args) -> int:
                       train_minutes=args.train_minutes, eval_every=args.eval_every,
                       save_every=args.save_every, log_every=args.log_every, seed=args.seed)
     resume = args.resume and (state_dir / STATE_FILE).is_file()
-    drafter = EagleDrafter.from_target(target, fc_bias=args.fc_bias, dtype=torch.float32, seed=args.seed)
+    drafter = start or EagleDrafter.from_target(target, fc_bias=args.fc_bias, dtype=torch.float32,
+                                                seed=args.seed)
     _, pad = special_ids(target, tokenizer)
     info = {"arguments": {k: v for k, v in vars(args).items() if k != "func"},
             "data_seconds": round(gen_seconds, 1)}
