@@ -98,7 +98,7 @@ POLICY_LABELS = {
     "frspec32k": "static@32768",
     "frspec8k": "static@8192",
     "microspec": "incontext@3072/k3/tree/grow",     # MicroSpec/NanoSpec: prompt ∪ top-3 ∪ tree ids, grow-only
-    "ours": "incontext+core512@2048/k10/tree",     # in-context, a 512-id frequency core, top-10, LRU
+    "ours": "incontext+core1024@4096/k3/tree/grow",  # issue 15: the recipe plus a pinned 1,024-id core
 }
 
 
