@@ -25,7 +25,8 @@ step="$1"; shift
 
 background() {   # NAME COMMAND...: run COMMAND from $CODE, detached, logging to /tmp/m/NAME.log
   local name="$1"; shift
-  (cd "$CODE" && setsid nohup bash -c "$*" > "/tmp/m/$name.log" 2>&1 < /dev/null & echo $! > "/tmp/m/$name.pid")
+  # the job writes its own pid: setsid forks (and its pid exits) when the caller runs with job control
+  (cd "$CODE" && setsid nohup bash -c "echo \$\$ > /tmp/m/$name.pid; $*" > "/tmp/m/$name.log" 2>&1 < /dev/null &)
   sleep 1; echo "started $name: $*"
 }
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 def per_task(result: dict, mode: str) -> dict:
-    """{method: {task: (tok/s, tau or None)}} over the batch-1 rows of `mode`; tok/s pools tokens and seconds
-    of the task's prompts, tau weighs each prompt by its verification steps."""
+    """{method: {task: (tok/s, tau or None)}} over the batch-1 rows of `mode` of the methods timed on every
+    task; tok/s pools tokens and seconds of the task's prompts, tau weighs each prompt by its verification
+    steps."""
     out = {}
     for row in result["rows"]:
         if row["batch"] != 1 or row["mode"] != mode:
@@ -30,7 +31,9 @@ def per_task(result: dict, mode: str) -> dict:
                 a[2] += entry["accepted_length"] * entry["row_steps"]
                 a[3] += entry["row_steps"]
         out[row["method"]] = {t: (a[0] / a[1], a[2] / a[3] if a[3] else None) for t, a in acc.items()}
-    return out
+    tasks = set().union(*out.values()) if out else set()
+    # a method timed on a few prompts only (hf with --hf-limit) has no per-task view: its rate is pooled
+    return {m: by_task for m, by_task in out.items() if set(by_task) == tasks}
 
 
 def markdown(name: str, table: dict) -> str:
@@ -52,13 +55,15 @@ def plot(panels: list[tuple[str, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    names = list(dict.fromkeys(m for _, table in panels for m in table))     # one colour per method
+    colour = {m: f"C{i % 10}" for i, m in enumerate(names)}
     for ax, (name, table) in zip(axes[:, 0], panels):
         methods = list(table)
         tasks = sorted({t for m in methods for t in table[m]})
         width = 0.8 / len(methods)
         for i, m in enumerate(methods):
             ax.bar([j + i * width for j in range(len(tasks))],
-                   [table[m].get(t, (0.0, None))[0] for t in tasks], width, label=m)
+                   [table[m].get(t, (0.0, None))[0] for t in tasks], width, label=m, color=colour[m])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, fontsize=8)
         ax.set_ylabel("tokens/s")
         ax.set_title(name, fontsize=10)

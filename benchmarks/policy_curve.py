@@ -338,12 +338,15 @@ def main(argv=None) -> int:
                         "head was trained on it)")
     p.add_argument("--cluster-file", default=None)
     p.add_argument("--json", default=None)
-    p.add_argument("--plot", default=str(ROOT / "docs" / "policy_curve.png"))
+    p.add_argument("--plot", default=None,
+                   help="write the curve here (default: docs/policy_curve.png with --plot-only, none when "
+                        "measuring: a run on a few tasks must not replace the committed figure)")
     p.add_argument("--plot-only", nargs="*", default=None, help="re-plot / re-tabulate these JSON files")
     p.add_argument("--subset", default="eval", choices=["eval", "wide"])
     p.add_argument("--merge-into", default=None, help="with --plot-only: join the runs into this JSON file")
     args = p.parse_args(argv)
     if args.plot_only is not None:
+        args.plot = ROOT / "docs" / "policy_curve.png" if args.plot is None else args.plot
         results = [json.loads(Path(f).read_text()) for f in args.plot_only]
         if args.merge_into:
             results = [merge(results)]
