@@ -24,8 +24,8 @@ Policy names (short forms kept for the results already recorded; the label gramm
 Prompts: `--subset eval` is `microspec eval`'s subset (3 per task); `--subset wide` takes --per-task prompts
 per task from the same files (`wide_subset`: one MT-bench question per category, at most 10; the shortest
 Spec-Bench articles for summarization and RAG, the first ids elsewhere, at most 80), for per-task intervals
-narrow enough to matter. Runs split
-by --tasks (one process per core) are joined with `--plot-only A.json B.json --merge-into ALL.json`.
+narrow enough to matter. Runs split by --tasks (one process per core) are joined with `--plot-only A.json
+B.json --merge-into ALL.json`.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/policy_curve.py --tree 4,4,16 \\
         --policies full,ctx/k3,adapt64/k3 --json benchmarks/results/policy_curve_smollm2_t4.json
