@@ -16,8 +16,9 @@ latency, dependencies); kernels x ~2-4 us is the floor a latency-bound step cann
 
 Stages: policy (active set), refresh (head delta-gather), draft.layer / draft.head / draft.tree (the
 proposer's model calls, head and tree bookkeeping), observe (the proposer's), target (forward of the block),
-logits, verify, commit (bookkeeping, policy update); "other" is the step's own code between them (block
-assembly, bad-logit checks, the tree's K/V moves).
+logits, verify, commit (bookkeeping), policy.update (the policy's `on_block` / `on_commit`) and policy.topk
+(the target's top-k they take); "other" is the step's own code between them (block assembly, bad-logit
+checks, the tree's K/V moves).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from benchmarks.common import environment, save  # noqa: E402
 from benchmarks.real_e2e import INPUTS, make_policy  # noqa: E402
 
 STAGES = ("policy", "refresh", "draft.layer", "draft.head", "draft.tree", "observe", "target", "logits",
-          "verify", "commit")
+          "verify", "commit", "policy.update", "policy.topk")
 
 
 def parse_config(text: str):
@@ -76,6 +77,8 @@ def label_stages(run) -> None:
     _wrap(run.target, "logits", "logits")
     _wrap(parts, "verifier", "verify")
     _wrap(run, "_commit", "commit")
+    _wrap(run, "_update_policy", "policy.update")      # inside commit: the policy's hooks ...
+    _wrap(run, "_target_topk", "policy.topk")          # ... and the target's top-k they take
 
 
 # Ops that launch no kernel (metadata only): left out of the op counts.
@@ -179,7 +182,7 @@ def print_row(r) -> None:
           f"-> {r['us_per_token']:.0f} us/token; {r['kernels']} kernels ({r['ops']} ops), "
           f"{r['kernel_us']:.0f} us of kernel time")
     for stage, s in sorted(r["stages"].items(), key=lambda kv: (-kv[1]["device_us"], -kv[1]["ops"])):
-        print(f"   {stage:<12} {s['kernels']:5d} kernels {s['ops']:5d} ops {s['device_us']:9.1f} us")
+        print(f"   {stage:<13} {s['kernels']:5d} kernels {s['ops']:5d} ops {s['device_us']:9.1f} us")
     for stage, name, t in r["top_kernels"][:8]:
         print(f"      {t:8.1f} us  {stage:<11} {name}")
 

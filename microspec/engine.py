@@ -254,7 +254,7 @@ class DecodeRun:
     def _commit(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor, hidden: Tensor,
                 ids: Tensor, n_act: Tensor) -> None:
         """Cut at the first EOS and at the token budget; finished rows commit nothing."""
-        n, parts, ops = self.n, self.parts, self.ops
+        n, ops = self.n, self.ops
         live, n_commit, mask, is_eos = ops.cut_and_write(self.tokens, n, self.done, self.generated, self.eos,
                                                          self.max_new_t, self.block, verdict.tokens,
                                                          verdict.n_accepted)             # mask [B, M]
@@ -267,24 +267,7 @@ class DecodeRun:
                             n_act.expand(self.B).clone())                # the policy updates n_act below
         ops.account(self.stats, self.histogram, live, verdict.n_accepted, n_commit, in_set, mask,
                     record.n_active)
-        k, policy = self.policy.target_topk, self.policy
-        shared_logits = t_logits[..., : parts.vocab_size]          # the policy cannot hold target-only ids
-        block_topk = torch.topk(shared_logits, k, dim=-1).indices if k and policy.wants_block else None
-        topk = None
-        if block_topk is not None:   # the target's top-k at each committed token's input position (the path)
-            topk = block_topk.gather(1, path.unsqueeze(-1).expand(-1, -1, k))             # [B, M, k]
-        elif k:
-            at_path = shared_logits.gather(1, path.unsqueeze(-1).expand(-1, -1, parts.vocab_size))
-            topk = torch.topk(at_path, k, dim=-1).indices                                # [B, M, k]
-        on_block, on_commit = self._compiled_updates or (policy.on_block, policy.on_commit)
-        if policy.wants_block:
-            block_mask = torch.cat([live.unsqueeze(1), drafts.valid & live.unsqueeze(1)], 1)
-            block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)
-            on_block(block, block_mask & (block < parts.vocab_size), block_topk)
-        newest = None
-        if self.policy.wants_hidden:  # newest position whose input is committed
-            newest = _pick(hidden, path.gather(1, (n_commit - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
-        on_commit(verdict.tokens, mask & (verdict.tokens < parts.vocab_size), topk, hidden=newest)
+        self._update_policy(verdict, path, drafts, t_logits, hidden, live, mask, n_commit)
         self.proposer.observe(Commit(n.clone(), verdict.tokens, n_commit, mask, path,
                                      hidden if self.proposer.wants_target_hidden else None))
         ops.advance(self.n, self.generated, self.done, n_commit, is_eos, mask, self.max_new_t)
@@ -292,6 +275,35 @@ class DecodeRun:
             observer(record)
         if self.streamer is not None:
             self.streamer.put(verdict.tokens[0][mask[0]].cpu())
+
+    def _target_topk(self, t_logits: Tensor, path: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The target's top-k ids the policy asked for: at every block position when it takes the block
+        ([B, N+1, k], else None), and at each committed token's input position, the path ([B, M, k])."""
+        k, vocab = self.policy.target_topk, self.parts.vocab_size
+        if not k:
+            return None, None
+        shared_logits = t_logits[..., :vocab]                      # the policy cannot hold target-only ids
+        if self.policy.wants_block:
+            block_topk = torch.topk(shared_logits, k, dim=-1).indices                    # [B, N+1, k]
+            return block_topk, block_topk.gather(1, path.unsqueeze(-1).expand(-1, -1, k))
+        at_path = shared_logits.gather(1, path.unsqueeze(-1).expand(-1, -1, vocab))
+        return None, torch.topk(at_path, k, dim=-1).indices                              # [B, M, k]
+
+    def _update_policy(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor,
+                       hidden: Tensor, live: Tensor, mask: Tensor, n_commit: Tensor) -> None:
+        """The policy's per-step hooks: `on_block` (every drafted id, when it takes them) and `on_commit`,
+        with the target's top-k where it asked for them."""
+        policy, vocab, n = self.policy, self.parts.vocab_size, self.n
+        block_topk, topk = self._target_topk(t_logits, path)
+        on_block, on_commit = self._compiled_updates or (policy.on_block, policy.on_commit)
+        if policy.wants_block:
+            block_mask = torch.cat([live.unsqueeze(1), drafts.valid & live.unsqueeze(1)], 1)
+            block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)
+            on_block(block, block_mask & (block < vocab), block_topk)
+        newest = None
+        if policy.wants_hidden:  # newest position whose input is committed
+            newest = _pick(hidden, path.gather(1, (n_commit - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
+        on_commit(verdict.tokens, mask & (verdict.tokens < vocab), topk, hidden=newest)
 
     # ------------------------------------------------------------------ driver (host side)
     def capture(self) -> None:
