@@ -69,6 +69,7 @@ def test_real_e2e_run_smoke(tmp_path, smollm2_gguf):
     for method in ("eagle2", "microspec"):
         assert rows[method]["compared_rows"] == 1, rows[method]
         assert rows[method]["equal_rows"] == rows[method]["compared_rows"], rows[method]["tie_gaps"]
+        assert rows[method]["update_us"] > 0 and rows[method]["policy_us"] > 0     # the policy's step work
     assert "| microspec | 1 | greedy |" in result.stdout
 
 
@@ -83,7 +84,7 @@ def test_step_profile_counts_ops_per_stage_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     plain, spec = result.stdout.split("== microspec:3,3,8")
     assert "target" in plain and "draft.layer" not in plain
-    for stage in ("target", "draft.layer", "draft.tree", "verify", "commit"):
+    for stage in ("target", "draft.layer", "draft.tree", "verify", "commit", "policy.update"):
         assert f"   {stage} " in spec, stage
 
 
