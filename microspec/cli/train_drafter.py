@@ -73,6 +73,10 @@ def register(sub) -> None:
     t.add_argument("--save-every", type=int, default=1000)
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--fc-bias", action="store_true", help="a bias in fc (EAGLE's Vicuna heads had one)")
+    t.add_argument("--compile-loss", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="compile the distillation loss's per-chunk arithmetic into fused reductions "
+                        "(Inductor, or the named torch.compile backend) instead of eager float32 passes "
+                        "over [chunk, vocabulary] tensors")
     t.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -146,7 +150,8 @@ def run(args) -> int:
     cfg = TrainConfig(steps=args.steps, epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr,
                       warmup=args.warmup, noise=args.noise, p_weight=args.p_weight,
                       train_minutes=args.train_minutes, eval_every=args.eval_every,
-                      save_every=args.save_every, log_every=args.log_every, seed=args.seed)
+                      save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+                      compile_loss=args.compile_loss)
     resume = args.resume and (state_dir / STATE_FILE).is_file()
     drafter = start or EagleDrafter.from_target(target, fc_bias=args.fc_bias, dtype=torch.float32,
                                                 seed=args.seed)

@@ -65,6 +65,7 @@ class TrainConfig:
     eval_steps: int = 3               # chained feature-feedback passes in the held-out evaluation
     seed: int = 0
     save_dtype: str = "bfloat16"
+    compile_loss: bool | str = False  # fuse the distillation loss's chunk arithmetic (True: Inductor)
 
 
 def loss_positions(prompt_lens: Tensor, lengths: Tensor, T: int) -> Tensor:
@@ -100,7 +101,7 @@ class Objective:
             g = self.drafter.forward_train(tokens, f_in, attn)
         pred, tgt = g[where], f_tgt[where]                                                        # [N, D]
         n = max(int(where.sum()), 1)
-        ce, agree = distill_ce(pred, tgt, self.weight, self.softcap)
+        ce, agree = distill_ce(pred, tgt, self.weight, self.softcap, compile=self.cfg.compile_loss)
         vloss, ploss = feature_loss(pred, tgt) / n, ce / n
         loss = self.cfg.v_weight * vloss + self.cfg.p_weight * ploss
         stats = {"vloss": float(vloss.detach()), "ploss": float(ploss.detach()), "agree": int(agree), "n": n}

@@ -57,12 +57,6 @@ class LeanCausalLM:
         self.tapped: tuple[Tensor, ...] = ()
         if compile:
             self._compiled = (compiled(self._prologue, compile), compiled(run_block, compile))
-            # Dynamo's recompile limit counts per code object, and `_prologue` / `run_block` are shared by
-            # every lean backend (targets, drafters, every decode shape and batch size: a benchmark of five
-            # methods at batch 1 and 8 passed 64 and, with fullgraph=True, stopped).
-            config = torch._dynamo.config
-            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, name, max(getattr(config, name), 1024))
         else:
             self._compiled = None
 
