@@ -157,10 +157,11 @@ def part_times(dec, run) -> dict:
     logits = torch.randn(B, run.N + 1, dec.vocab_size, device=dev, dtype=run.target.dtype)
     hidden = torch.zeros(B, run.N + 1, dec.head.in_features, device=dev, dtype=run.target.dtype)
     verdict = Verdict(torch.full((B,), depth, device=dev), tokens[:, : depth + 1], path)
+    block = run.ops.block_inputs(run.tokens, run.n, drafts.tokens, drafts.depth, run.block)[0]     # [B, N+1]
     live, taken = torch.ones(B, dtype=torch.bool, device=dev), torch.ones_like(path, dtype=torch.bool)
     n_commit = torch.full((B,), depth + 1, device=dev)
     out["update_us"] = time_us_rotating(
-        [lambda: run._update_policy(verdict, path, drafts, logits, hidden, live, taken, n_commit)],
+        [lambda: run._update_policy(verdict, path, drafts, block, logits, hidden, live, taken, n_commit)],
         calls=8, reps=5)
     ids.copy_(saved[0]), n_act.copy_(saved[1])
     return out

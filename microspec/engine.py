@@ -249,10 +249,10 @@ class DecodeRun:
         if not drafts.is_chain:  # the accepted nodes' K/V move to the slots their positions own
             base = (n - 1).unsqueeze(1)
             self.target.move_kv(base + path, base + self.block[: path.shape[1]])
-        self._commit(verdict, path, drafts, t_logits, hidden, ids, n_act)
+        self._commit(verdict, path, drafts, block, t_logits, hidden, ids, n_act)
 
-    def _commit(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor, hidden: Tensor,
-                ids: Tensor, n_act: Tensor) -> None:
+    def _commit(self, verdict: Verdict, path: Tensor, drafts: Drafts, block: Tensor, t_logits: Tensor,
+                hidden: Tensor, ids: Tensor, n_act: Tensor) -> None:
         """Cut at the first EOS and at the token budget; finished rows commit nothing."""
         n, ops = self.n, self.ops
         live, n_commit, mask, is_eos = ops.cut_and_write(self.tokens, n, self.done, self.generated, self.eos,
@@ -267,7 +267,7 @@ class DecodeRun:
                             n_act.expand(self.B).clone())                # the policy updates n_act below
         ops.account(self.stats, self.histogram, live, verdict.n_accepted, n_commit, in_set, mask,
                     record.n_active)
-        self._update_policy(verdict, path, drafts, t_logits, hidden, live, mask, n_commit)
+        self._update_policy(verdict, path, drafts, block, t_logits, hidden, live, mask, n_commit)
         self.proposer.observe(Commit(n.clone(), verdict.tokens, n_commit, mask, path,
                                      hidden if self.proposer.wants_target_hidden else None))
         ops.advance(self.n, self.generated, self.done, n_commit, is_eos, mask, self.max_new_t)
@@ -289,16 +289,15 @@ class DecodeRun:
         at_path = shared_logits.gather(1, path.unsqueeze(-1).expand(-1, -1, vocab))
         return None, torch.topk(at_path, k, dim=-1).indices                              # [B, M, k]
 
-    def _update_policy(self, verdict: Verdict, path: Tensor, drafts: Drafts, t_logits: Tensor,
+    def _update_policy(self, verdict: Verdict, path: Tensor, drafts: Drafts, block: Tensor, t_logits: Tensor,
                        hidden: Tensor, live: Tensor, mask: Tensor, n_commit: Tensor) -> None:
-        """The policy's per-step hooks: `on_block` (every drafted id, when it takes them) and `on_commit`,
-        with the target's top-k where it asked for them."""
-        policy, vocab, n = self.policy, self.parts.vocab_size, self.n
+        """The policy's per-step hooks: `on_block` (the verification block [B, N+1], when it takes it) and
+        `on_commit`, with the target's top-k where it asked for them."""
+        policy, vocab = self.policy, self.parts.vocab_size
         block_topk, topk = self._target_topk(t_logits, path)
         on_block, on_commit = self._compiled_updates or (policy.on_block, policy.on_commit)
         if policy.wants_block:
             block_mask = torch.cat([live.unsqueeze(1), drafts.valid & live.unsqueeze(1)], 1)
-            block = torch.cat([self.tokens.gather(1, (n - 1).unsqueeze(1)), drafts.tokens], 1)
             on_block(block, block_mask & (block < vocab), block_topk)
         newest = None
         if policy.wants_hidden:  # newest position whose input is committed
