@@ -30,10 +30,14 @@ def chunk_rows(vocab_size: int, budget: int = 1 << 28) -> int:
     return max(16, budget // vocab_size)
 
 
+def _raw(x: Tensor, weight: Tensor) -> Tensor:
+    """[n, D] -> the head's raw outputs [n, V], in the weight's dtype."""
+    return x.to(weight.dtype) @ weight.T
+
+
 def _logits(x: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
     """[n, D] -> [n, V] in float32 (float64 stays float64), soft-capped when the family does."""
-    out = (x.to(weight.dtype) @ weight.T).to(torch.promote_types(weight.dtype, torch.float32))
-    return _cap(out, softcap)
+    return _wide(_raw(x, weight), softcap)
 
 
 def _cap(z: Tensor, softcap: float | None) -> Tensor:
@@ -87,8 +91,7 @@ class _DistillCE(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=pred.device)
         agree = torch.zeros((), dtype=torch.long, device=pred.device)
         for s in range(0, pred.shape[0], chunk):
-            c, a = ce_sum(target[s:s + chunk].to(weight.dtype) @ weight.T,
-                          pred[s:s + chunk].to(weight.dtype) @ weight.T, softcap)
+            c, a = ce_sum(_raw(target[s:s + chunk], weight), _raw(pred[s:s + chunk], weight), softcap)
             ce += c
             agree += a
         ctx.save_for_backward(pred, target, weight)
@@ -101,10 +104,10 @@ class _DistillCE(torch.autograd.Function):
         pred, target, weight = ctx.saved_tensors
         _, ce_grad = _chunk_fns(ctx.compile)
         grad = torch.empty_like(pred)
-        for s in range(0, pred.shape[0], ctx.chunk):
-            g = ce_grad(target[s:s + ctx.chunk].to(weight.dtype) @ weight.T,
-                        pred[s:s + ctx.chunk].to(weight.dtype) @ weight.T, ctx.softcap, grad_ce)
-            grad[s:s + ctx.chunk] = (g @ weight).to(pred.dtype)
+        chunk, softcap = ctx.chunk, ctx.softcap
+        for s in range(0, pred.shape[0], chunk):
+            g = ce_grad(_raw(target[s:s + chunk], weight), _raw(pred[s:s + chunk], weight), softcap, grad_ce)
+            grad[s:s + chunk] = (g @ weight).to(pred.dtype)
         return grad, None, None, None, None, None
 
 
