@@ -1,6 +1,7 @@
-"""Kernels of the sparse LM head. Each file: Triton kernel, launcher, pure-torch `*_ref`, registered op."""
+"""Kernels of the sparse LM head and the policies' per-step work. Each file: Triton kernel, launcher, pure-torch `*_ref`, registered op."""
 from ._triton import HAS_TRITON
 from .delta_gather import delta_gather_, delta_gather_ref, delta_gather_triton
+from .row_topk import row_topk, row_topk_ref, row_topk_triton
 from .sparse_logits import (packed_logits, packed_logits_ref, packed_logits_triton, sparse_logits,
                             sparse_logits_ref, sparse_logits_triton)
 from .validate import check_active_set
@@ -8,5 +9,6 @@ from .validate import check_active_set
 __all__ = [
     "HAS_TRITON", "sparse_logits", "sparse_logits_ref", "sparse_logits_triton",
     "packed_logits", "packed_logits_ref", "packed_logits_triton",
-    "delta_gather_", "delta_gather_ref", "delta_gather_triton", "check_active_set",
+    "delta_gather_", "delta_gather_ref", "delta_gather_triton", "row_topk", "row_topk_ref", "row_topk_triton",
+    "check_active_set",
 ]
