@@ -10,7 +10,7 @@ of `SpecDecoder`. One decode step (`step`), for all rows at once, with static sh
     verdict = verify(...)              `microspec.verification`: greedy or lossless sampling, chain or tree
     commit                             accepted path + corrected/bonus token, cut at EOS and at the budget;
                                        a tree's accepted K/V move into their final cache slots
-    policy.on_commit, proposer.observe, observers
+    policy.on_step, proposer.observe, observers
 
 Per-row state: `tokens` [B, S] (prompt and generated tokens compacted to the left: position = slot),
 `n` [B] committed length, `generated` [B], `done` [B]; S = longest prompt + max_new_tokens + N + 1.
@@ -32,6 +32,7 @@ from torch import Tensor
 from . import step_ops
 from .compiling import compiled
 from .drafting.base import Commit, DraftRequest, Drafts, Proposer
+from .kernels import row_topk
 from .models.base import ModelBackend
 from .outputs import GenerateOutput, SpecStats
 from .policies import VocabPolicy
@@ -91,10 +92,9 @@ class DecodeRun:
     def __init__(self, parts: EngineParts, input_ids: Tensor, mask: Tensor, max_new: int, cfg: SamplingConfig,
                  eos: list[int], generator=None, *, cuda_graph: bool = False, observers=(), streamer=None):
         self.parts, self.policy, self.proposer = parts, parts.policy, parts.proposer
-        # The per-step policy updates, compiled (the prefill's are host-driven, once per request); uncompiled,
-        # the policy's methods are looked up at each call.
-        updates = (parts.policy.on_block, parts.policy.on_commit)
-        self._compiled_updates = tuple(compiled(f, parts.compile) for f in updates) if parts.compile else None
+        # The per-step policy update, compiled (the prefill's is host-driven, once per request); uncompiled,
+        # the policy's method is looked up at each call.
+        self._compiled_update = compiled(parts.policy.on_step, parts.compile) if parts.compile else None
         self.ops = SimpleNamespace(**{name: compiled(getattr(step_ops, name), parts.compile)
                                       for name in step_ops.OPS})
         self.target = parts.target
@@ -177,7 +177,7 @@ class DecodeRun:
             if k:  # over the shared vocabulary only: the policy cannot hold target-only ids
                 logits = self.target.logits(h)                                            # [B, T, V]
                 self.nan_seen[0] |= torch.isnan(logits).any()
-                topk[:, c0:c1] = torch.topk(logits[..., : self.parts.vocab_size], k, dim=-1).indices
+                topk[:, c0:c1] = row_topk(logits[..., : self.parts.vocab_size], k)
                 cand = _pick(logits, idx)
             else:
                 cand = self.target.logits(_pick(h, idx).unsqueeze(1))[:, 0]
@@ -277,32 +277,30 @@ class DecodeRun:
             self.streamer.put(verdict.tokens[0][mask[0]].cpu())
 
     def _target_topk(self, t_logits: Tensor, path: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The target's top-k ids the policy asked for: at every block position when it takes the block
-        ([B, N+1, k], else None), and at each committed token's input position, the path ([B, M, k])."""
+        """The target's top-k ids the policy asked for: at every block position ([B, N+1, k]) and at each
+        committed token's input position, the path ([B, M, k]); (None, None) when it asked for none."""
         k, vocab = self.policy.target_topk, self.parts.vocab_size
         if not k:
             return None, None
-        shared_logits = t_logits[..., :vocab]                      # the policy cannot hold target-only ids
-        if self.policy.wants_block:
-            block_topk = torch.topk(shared_logits, k, dim=-1).indices                    # [B, N+1, k]
-            return block_topk, block_topk.gather(1, path.unsqueeze(-1).expand(-1, -1, k))
-        at_path = shared_logits.gather(1, path.unsqueeze(-1).expand(-1, -1, vocab))
-        return None, torch.topk(at_path, k, dim=-1).indices                              # [B, M, k]
+        # one pass over the block's logits (a Triton kernel on CUDA); the policy cannot hold target-only ids
+        block_topk = row_topk(t_logits[..., :vocab], k)                                  # [B, N+1, k]
+        return block_topk, block_topk.gather(1, path.unsqueeze(-1).expand(-1, -1, k))
 
     def _update_policy(self, verdict: Verdict, path: Tensor, drafts: Drafts, block: Tensor, t_logits: Tensor,
                        hidden: Tensor, live: Tensor, mask: Tensor, n_commit: Tensor) -> None:
-        """The policy's per-step hooks: `on_block` (the verification block [B, N+1], when it takes it) and
-        `on_commit`, with the target's top-k where it asked for them."""
+        """The policy's per-step hook `on_step`: the committed tokens and, when it takes it, the verification
+        block [B, N+1], with the target's top-k where it asked for them."""
         policy, vocab = self.policy, self.parts.vocab_size
         block_topk, topk = self._target_topk(t_logits, path)
-        on_block, on_commit = self._compiled_updates or (policy.on_block, policy.on_commit)
+        on_step = self._compiled_update or policy.on_step
+        block_args = {}
         if policy.wants_block:
             block_mask = torch.cat([live.unsqueeze(1), drafts.valid & live.unsqueeze(1)], 1)
-            on_block(block, block_mask & (block < vocab), block_topk)
+            block_args = dict(block_ids=block, block_mask=block_mask & (block < vocab), block_topk=block_topk)
         newest = None
         if policy.wants_hidden:  # newest position whose input is committed
             newest = _pick(hidden, path.gather(1, (n_commit - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
-        on_commit(verdict.tokens, mask & (verdict.tokens < vocab), topk, hidden=newest)
+        on_step(verdict.tokens, mask & (verdict.tokens < vocab), topk, newest, **block_args)
 
     # ------------------------------------------------------------------ driver (host side)
     def capture(self) -> None:

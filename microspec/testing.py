@@ -7,7 +7,8 @@
             return MyPolicy(capacity=16)
 
 Collected by pytest like any `Test*` class (it needs pytest, as the test extra installs). It drives the
-policy through random request histories (ragged prompts, target top-k, partially masked commits) and checks
+policy through random request histories (ragged prompts, target top-k, partially masked commits, and the
+verification blocks `on_step` passes to policies that take them) and checks
 the invariants of `microspec.policies.base`: shapes and dtypes, ids unique and in range, special ids
 present, -1 padding, storage that never moves, determinism, masked entries ignored, a set that only changes
 in hooks, independent batch rows, and no host sync: `no_host_sync()` rejects every operation that would read
@@ -86,6 +87,7 @@ class PolicyContract:
     batch_size = 3
     prompt_len = 11
     block = 4                  # committed tokens per verification step (K + 1)
+    nodes = 6                  # verification block width (N + 1: the last committed token and N drafts)
     special_ids = (2, 5)
     num_commits = 6
     hidden_size = 16           # width of the `hidden` given to policies with wants_hidden
@@ -95,10 +97,11 @@ class PolicyContract:
 
     # ------------------------------------------------------------------ scene
     def history(self, seed: int, batch_size: int | None = None, device="cpu"):
-        """A reproducible request: ((prompt_ids, prompt_mask, prompt_topk, hidden),
-        [(ids, mask, topk, hidden), ...])."""
+        """A reproducible request: ((prompt_ids, prompt_mask, prompt_topk, hidden), [step, ...]), each step
+        (ids, mask, topk, hidden, block_ids, block_mask, block_topk) as `on_step` takes it: the committed
+        tokens' top-k are rows of the block's, as they are in a decoder (the path lies in the block)."""
         g = torch.Generator().manual_seed(seed)
-        B, L, V, M = batch_size or self.batch_size, self.prompt_len, self.vocab_size, self.block
+        B, L, V, M, N1 = batch_size or self.batch_size, self.prompt_len, self.vocab_size, self.block, self.nodes
         k = 3
         ids = torch.randint(0, V, (B, L), generator=g)
         lengths = torch.randint(1, L + 1, (B,), generator=g)
@@ -109,8 +112,11 @@ class PolicyContract:
         commits = []
         for _ in range(self.num_commits):
             n = torch.randint(0, M + 1, (B,), generator=g)
+            block_topk = torch.randint(0, V, (B, N1, k), generator=g)
             commits.append((torch.randint(0, V, (B, M), generator=g), torch.arange(M) < n.unsqueeze(1),
-                            torch.randint(0, V, (B, M, k), generator=g), torch.randn(B, D, generator=g)))
+                            block_topk[:, :M], torch.randn(B, D, generator=g),
+                            torch.randint(0, V, (B, N1), generator=g), torch.rand(B, N1, generator=g) < 0.8,
+                            block_topk))
         move = lambda t: t.to(device)  # noqa: E731
         return (tuple(map(move, prompt)), [tuple(map(move, c)) for c in commits])
 
@@ -127,13 +133,20 @@ class PolicyContract:
     def _hidden(policy, hidden):
         return hidden if policy.wants_hidden else None
 
+    def step(self, policy, commit, hook=None):
+        """One verification step through `hook` (default `policy.on_step`), as the decoder calls it."""
+        ids, mask, topk, hidden, block_ids, block_mask, block_topk = commit
+        block = (dict(block_ids=block_ids, block_mask=block_mask, block_topk=self._topk(policy, block_topk))
+                 if policy.wants_block else {})
+        (hook or policy.on_step)(ids, mask, self._topk(policy, topk), self._hidden(policy, hidden), **block)
+
     def run_history(self, policy, prompt, commits, check=None):
         policy.on_prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]),
                           hidden=self._hidden(policy, prompt[3]))
         if check:
             check(policy)
-        for ids, mask, topk, hidden in commits:
-            policy.on_commit(ids, mask, self._topk(policy, topk), hidden=self._hidden(policy, hidden))
+        for commit in commits:
+            self.step(policy, commit)
             if check:
                 check(policy)
 
@@ -197,17 +210,18 @@ class PolicyContract:
         outs = []
         for junk_seed in (7, 8):
             g = torch.Generator().manual_seed(junk_seed)
+
+            def noisy(t, keep):   # t where keep, random ids elsewhere
+                return t.where(keep, torch.randint(0, self.vocab_size, t.shape, generator=g))
             policy = self.setup_policy()
             policy.on_prefill(prompt[0].where(prompt[1], torch.randint(0, self.vocab_size, prompt[0].shape,
                                                                        generator=g)),
                               prompt[1], self._topk(policy, prompt[2]),
                               hidden=self._hidden(policy, prompt[3]))
-            for ids, mask, topk, hidden in commits:
-                noise = torch.randint(0, self.vocab_size, ids.shape, generator=g)
-                topk_noise = torch.randint(0, self.vocab_size, topk.shape, generator=g)
-                policy.on_commit(ids.where(mask, noise), mask,
-                                 self._topk(policy, topk.where(mask.unsqueeze(-1), topk_noise)),
-                                 hidden=self._hidden(policy, hidden))
+            for ids, mask, topk, hidden, block_ids, block_mask, block_topk in commits:
+                self.step(policy, (noisy(ids, mask), mask, noisy(topk, mask.unsqueeze(-1)), hidden,
+                                   noisy(block_ids, block_mask), block_mask,
+                                   noisy(block_topk, block_mask.unsqueeze(-1))))
             outs.append(self.snapshot(policy))
         assert all(torch.equal(a, b) for a, b in zip(*outs)), "masked-out entries changed the active set"
 
@@ -254,10 +268,10 @@ class PolicyContract:
         prompt, commits = self.history(seed=11)
         torch._dynamo.reset()
         prefill = torch.compile(policy.on_prefill, fullgraph=True, backend="eager")
-        commit = torch.compile(policy.on_commit, fullgraph=True, backend="eager")
+        step = torch.compile(policy.on_step, fullgraph=True, backend="eager")
         prefill(prompt[0], prompt[1], self._topk(policy, prompt[2]), hidden=self._hidden(policy, prompt[3]))
-        for ids, mask, topk, hidden in commits:
-            commit(ids, mask, self._topk(policy, topk), hidden=self._hidden(policy, hidden))
+        for commit in commits:
+            self.step(policy, commit, hook=step)
         self.assert_valid(policy)
         reference = self.setup_policy()
         self.run_history(reference, prompt, commits)

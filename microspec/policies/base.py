@@ -13,7 +13,8 @@ Invariants every policy keeps (checked by `microspec.testing.PolicyContract`):
   * padding slots hold -1, so a bug that reads one fails loudly instead of drafting token 0;
   * a slot that keeps its id keeps its position (slot-stable order, not sorted): the sparse head gathers
     only the rows whose slot changed, so re-sorting would force a full re-gather every step;
-  * the set changes only in `on_prefill` / `on_block` / `on_commit`, never while a block is being drafted;
+  * the set changes only in `on_prefill` / `on_step` (= `on_block` then `on_commit`), never while a block is
+    being drafted;
   * `on_commit` sees committed tokens only (never rejected drafts);
   * hook inputs are trusted: every id where the mask is True, and every top-k id, is in [0, vocab_size)
     (the decoder masks target-only ids of a larger target vocabulary before calling a hook);
@@ -27,7 +28,8 @@ Lifecycle, driven by `SpecDecoder`:
     loop:
         ids, n = policy.active()                                  # the set for this draft block
         ... draft K tokens over `ids`, verify with the target ...
-        policy.on_commit(committed_ids, committed_mask, target_topk)
+        policy.on_step(committed_ids, committed_mask, target_topk, hidden, block_ids=..., ...)
+                                      # by default `on_block` (when `wants_block`), then `on_commit`
 """
 from __future__ import annotations
 
@@ -134,6 +136,20 @@ class VocabPolicy(abc.ABC):
         target's top-k ids at the positions whose context is fully committed, aligned with committed_ids;
         hidden float [B, D]: see `wants_hidden` (rows that committed nothing repeat an older state).
         """
+
+    def on_step(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
+                hidden: Tensor | None = None, *, block_ids: Tensor | None = None, block_mask: Tensor | None = None,
+                block_topk: Tensor | None = None) -> None:
+        """One verification step's update, the hook the decoder calls: `on_block` (when `wants_block`; the
+        block_* arguments are its inputs, None otherwise), then `on_commit` (the other arguments).
+
+        A policy that takes the block may override this to do both in one pass: the committed tokens are
+        the accepted path's nodes plus one target token, and their `target_topk` rows are rows of
+        `block_topk` (`InContextPolicy` admits all of them in one insertion instead of two).
+        """
+        if self.wants_block:
+            self.on_block(block_ids, block_mask, block_topk)
+        self.on_commit(committed_ids, committed_mask, target_topk, hidden)
 
     def on_block(self, block_ids: Tensor, block_mask: Tensor, target_topk: Tensor | None = None) -> None:
         """Observe one verification block, before `on_commit` (only when `wants_block`).

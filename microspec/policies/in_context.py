@@ -122,19 +122,37 @@ class InContextPolicy(VocabPolicy):
     def on_block(self, block_ids: Tensor, block_mask: Tensor, target_topk: Tensor | None = None) -> None:
         """With `tree_ids`: every drafted node and the target's top-k at every block position enter
         (MicroSpec's tree construction: up to N+1 + (N+1)k candidates per step)."""
-        self.on_commit(block_ids, block_mask, target_topk)
+        self._insert(*self._candidates(block_ids, block_mask, target_topk))
 
     def on_commit(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
                   hidden: Tensor | None = None) -> None:
-        cand, valid = committed_ids, committed_mask                                      # [B, M]
+        self._insert(*self._candidates(committed_ids, committed_mask, target_topk))
+
+    def on_step(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
+                hidden: Tensor | None = None, *, block_ids: Tensor | None = None, block_mask: Tensor | None = None,
+                block_topk: Tensor | None = None) -> None:
+        """With `tree_ids`, one insertion where `on_block` + `on_commit` make two (each a dozen small kernels):
+        the committed tokens first (they win at the cap), then the block's nodes and top-k. The committed
+        tokens' own top-k is left out: those are rows of the block's top-k (the path is in the block)."""
+        if not self.wants_block:
+            super().on_step(committed_ids, committed_mask, target_topk, hidden)
+            return
+        cand, valid = self._candidates(committed_ids, committed_mask, None)
+        block_cand, block_valid = self._candidates(block_ids, block_mask, block_topk)
+        self._insert(torch.cat([cand, block_cand], 1), torch.cat([valid, block_valid], 1))
+
+    def _candidates(self, ids: Tensor, mask: Tensor, target_topk: Tensor | None) -> tuple[Tensor, Tensor]:
+        """ids [B, M] where mask, then their top-k [B, M, k] and successors [B, M, m] -> (cand, valid)
+        [B, M * (1 + k + m)], in that priority order."""
+        cand, valid = ids, mask
         if target_topk is not None and self.target_topk:
             top = target_topk[..., : self.target_topk]                                   # [B, M, k]
             cand = torch.cat([cand, top.flatten(1)], dim=1)
-            valid = torch.cat([valid, committed_mask.unsqueeze(-1).expand_as(top).flatten(1)], dim=1)
+            valid = torch.cat([valid, mask.unsqueeze(-1).expand_as(top).flatten(1)], dim=1)
         if self._succ is not None:
-            succ = self._successors_of(committed_ids, committed_mask).flatten(1)          # [B, M*m]
+            succ = self._successors_of(ids, mask).flatten(1)                              # [B, M*m]
             cand, valid = torch.cat([cand, succ], dim=1), torch.cat([valid, succ >= 0], dim=1)
-        self._insert(cand, valid)
+        return cand, valid
 
     def _successors_of(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids [B, L] -> their successors [B, L, m], -1 where none or where mask is False."""

@@ -113,6 +113,17 @@ class UnionPolicy(VocabPolicy):
                         hidden if c.wants_hidden else None)
         self._merge(self.max_new)
 
+    def on_step(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
+                hidden: Tensor | None = None, *, block_ids: Tensor | None = None, block_mask: Tensor | None = None,
+                block_topk: Tensor | None = None) -> None:
+        """Each child's own `on_step` (a child may fuse its two hooks), then one merge."""
+        for c in self.children:
+            block = (dict(block_ids=block_ids, block_mask=block_mask,
+                          block_topk=self._child_topk(c, block_topk)) if c.wants_block else {})
+            c.on_step(committed_ids, committed_mask, self._child_topk(c, target_topk),
+                      hidden if c.wants_hidden else None, **block)
+        self._merge(self.max_new)
+
     def _merge(self, max_new: int) -> None:
         """Publish the union of the children's current sets; at most `max_new` new ids enter."""
         C, table = self.capacity, self._table

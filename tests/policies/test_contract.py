@@ -60,3 +60,14 @@ class TestInContextWithSuccessors(PolicyContract):
         succ = torch.randint(-1, self.vocab_size - 5, (self.vocab_size - 5, 3),
                              generator=torch.Generator().manual_seed(0))
         return InContextPolicy(capacity=16, topk=2, core_ids=torch.arange(40, 44), successors=succ)
+
+
+class TestInContextTree(PolicyContract):
+    """MicroSpec's tree construction (`on_block`), with `on_step` fusing it with `on_commit`."""
+    def make_policy(self):
+        return InContextPolicy(capacity=40, topk=3, eviction=None, core_ids=torch.arange(40, 50), tree_ids=True)
+
+
+class TestInContextTreeLRU(PolicyContract):
+    def make_policy(self):
+        return InContextPolicy(capacity=14, topk=2, eviction="lru", tree_ids=True)

@@ -136,3 +136,30 @@ def test_successors_must_fit_the_vocabulary(succ):
 def test_successors_must_be_a_table():
     with pytest.raises(ValueError, match="successors"):
         InContextPolicy(capacity=8, successors=torch.arange(5))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_step_insertion_admits_what_the_two_hooks_admit(seed):
+    """`on_step` with `tree_ids` makes one insertion of on_block's and on_commit's candidates; below the cap
+    the set it builds holds the same ids (the committed tokens' top-k are rows of the block's)."""
+    g = torch.Generator().manual_seed(seed)
+    B, V, N1, M, k = 3, 1000, 7, 4, 3
+    succ = torch.randint(-1, V, (V, 2), generator=g)
+    one, two = (InContextPolicy(capacity=V, topk=k, eviction=None, tree_ids=True, core_ids=torch.arange(10, 20),
+                                successors=succ) for _ in range(2))
+    for p in (one, two):
+        p.setup(B, V, [EOS], "cpu")
+    for _ in range(5):
+        block = torch.randint(0, V, (B, N1), generator=g)
+        block_topk = torch.randint(0, V, (B, N1, k), generator=g)
+        path = torch.rand(B, N1, generator=g).argsort(1)[:, :M]                  # distinct nodes
+        mask = torch.arange(M) < torch.randint(0, M + 1, (B, 1), generator=g)
+        block_mask = torch.rand(B, N1, generator=g) < 0.7
+        block_mask.scatter_(1, path, mask | block_mask.gather(1, path))   # path nodes valid where committed
+        committed, topk = torch.randint(0, V, (B, M), generator=g), block_topk.gather(
+            1, path.unsqueeze(-1).expand(-1, -1, k))
+        two.on_block(block, block_mask, block_topk)
+        two.on_commit(committed, mask, topk)
+        one.on_step(committed, mask, topk, block_ids=block, block_mask=block_mask, block_topk=block_topk)
+        for r in range(B):
+            assert sorted(live(one, r)) == sorted(live(two, r))
