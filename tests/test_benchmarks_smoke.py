@@ -26,6 +26,15 @@ def test_e2e_script_smoke():
     assert "spec:incontext@64" in result.stdout
 
 
+def test_policy_step_script_smoke():
+    """bench_policy_step.py times the old and the new per-step policy work side by side; on the CPU it only
+    checks that both run and that the kernel's top-k values equal torch.topk's."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_policy_step.py"), "--smoke"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "microspec" in result.stdout and "ours" in result.stdout and "MISMATCH" not in result.stdout
+
+
 def test_e2e_script_replays_eval_traces(tmp_path):
     """A `microspec eval` trace file drives the replay; labels with a core size and a top-k suffix work, and
     a label without a trace is skipped, not run with made-up acceptance."""
