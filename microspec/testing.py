@@ -101,7 +101,8 @@ class PolicyContract:
         (ids, mask, topk, hidden, block_ids, block_mask, block_topk) as `on_step` takes it: the committed
         tokens' top-k are rows of the block's, as they are in a decoder (the path lies in the block)."""
         g = torch.Generator().manual_seed(seed)
-        B, L, V, M, N1 = batch_size or self.batch_size, self.prompt_len, self.vocab_size, self.block, self.nodes
+        B, L, V = batch_size or self.batch_size, self.prompt_len, self.vocab_size
+        M, N1 = self.block, self.nodes
         k = 3
         ids = torch.randint(0, V, (B, L), generator=g)
         lengths = torch.randint(1, L + 1, (B,), generator=g)

@@ -1,4 +1,5 @@
-"""Kernels of the sparse LM head and the policies' per-step work. Each file: Triton kernel, launcher, pure-torch `*_ref`, registered op."""
+"""Kernels of the sparse LM head and of the policies' per-step work. Each file: Triton kernel, launcher,
+pure-torch `*_ref`, registered op."""
 from ._triton import HAS_TRITON
 from .delta_gather import delta_gather_, delta_gather_ref, delta_gather_triton
 from .row_topk import row_topk, row_topk_ref, row_topk_triton

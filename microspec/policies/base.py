@@ -138,8 +138,8 @@ class VocabPolicy(abc.ABC):
         """
 
     def on_step(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
-                hidden: Tensor | None = None, *, block_ids: Tensor | None = None, block_mask: Tensor | None = None,
-                block_topk: Tensor | None = None) -> None:
+                hidden: Tensor | None = None, *, block_ids: Tensor | None = None,
+                block_mask: Tensor | None = None, block_topk: Tensor | None = None) -> None:
         """One verification step's update, the hook the decoder calls: `on_block` (when `wants_block`; the
         block_* arguments are its inputs, None otherwise), then `on_commit` (the other arguments).
 

@@ -129,11 +129,12 @@ class InContextPolicy(VocabPolicy):
         self._insert(*self._candidates(committed_ids, committed_mask, target_topk))
 
     def on_step(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
-                hidden: Tensor | None = None, *, block_ids: Tensor | None = None, block_mask: Tensor | None = None,
-                block_topk: Tensor | None = None) -> None:
-        """With `tree_ids`, one insertion where `on_block` + `on_commit` make two (each a dozen small kernels):
-        the committed tokens first (they win at the cap), then the block's nodes and top-k. The committed
-        tokens' own top-k is left out: those are rows of the block's top-k (the path is in the block)."""
+                hidden: Tensor | None = None, *, block_ids: Tensor | None = None,
+                block_mask: Tensor | None = None, block_topk: Tensor | None = None) -> None:
+        """With `tree_ids`, one insertion where `on_block` + `on_commit` make two (each a dozen small
+        kernels): the committed tokens first (they win at the cap), then the block's nodes and top-k. The
+        committed tokens' own top-k is left out: those are rows of the block's top-k (the path is in the
+        block)."""
         if not self.wants_block:
             super().on_step(committed_ids, committed_mask, target_topk, hidden)
             return

@@ -114,8 +114,8 @@ class UnionPolicy(VocabPolicy):
         self._merge(self.max_new)
 
     def on_step(self, committed_ids: Tensor, committed_mask: Tensor, target_topk: Tensor | None = None,
-                hidden: Tensor | None = None, *, block_ids: Tensor | None = None, block_mask: Tensor | None = None,
-                block_topk: Tensor | None = None) -> None:
+                hidden: Tensor | None = None, *, block_ids: Tensor | None = None,
+                block_mask: Tensor | None = None, block_topk: Tensor | None = None) -> None:
         """Each child's own `on_step` (a child may fuse its two hooks), then one merge."""
         for c in self.children:
             block = (dict(block_ids=block_ids, block_mask=block_mask,

@@ -65,7 +65,8 @@ class TestInContextWithSuccessors(PolicyContract):
 class TestInContextTree(PolicyContract):
     """MicroSpec's tree construction (`on_block`), with `on_step` fusing it with `on_commit`."""
     def make_policy(self):
-        return InContextPolicy(capacity=40, topk=3, eviction=None, core_ids=torch.arange(40, 50), tree_ids=True)
+        return InContextPolicy(capacity=40, topk=3, eviction=None, core_ids=torch.arange(40, 50),
+                               tree_ids=True)
 
 
 class TestInContextTreeLRU(PolicyContract):

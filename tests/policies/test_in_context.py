@@ -145,8 +145,8 @@ def test_one_step_insertion_admits_what_the_two_hooks_admit(seed):
     g = torch.Generator().manual_seed(seed)
     B, V, N1, M, k = 3, 1000, 7, 4, 3
     succ = torch.randint(-1, V, (V, 2), generator=g)
-    one, two = (InContextPolicy(capacity=V, topk=k, eviction=None, tree_ids=True, core_ids=torch.arange(10, 20),
-                                successors=succ) for _ in range(2))
+    one, two = (InContextPolicy(capacity=V, topk=k, eviction=None, tree_ids=True,
+                                core_ids=torch.arange(10, 20), successors=succ) for _ in range(2))
     for p in (one, two):
         p.setup(B, V, [EOS], "cpu")
     for _ in range(5):
