@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 from microspec.kernels import row_topk, row_topk_ref, row_topk_triton  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"       # the CPU runs the kernel under TRITON_INTERPRET
 CHUNKS = (4, 16, 64)      # small powers of two: many chunks, tails, chunks narrower than k
 
 
@@ -38,7 +39,7 @@ def make_rows(dtype, lead, V, ties, specials, seed, **_):
         flat = x.view(-1)
         where = torch.randint(0, flat.numel(), (4,), generator=g)
         flat[where] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
-    return x.to(dtype)
+    return x.to(dtype).to(DEV)
 
 
 @given(cases())
@@ -62,14 +63,14 @@ def test_reference_is_a_topk(case):
 
 
 def test_ties_go_to_the_smallest_ids():
-    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0], [0.0, -0.0, 0.0, 0.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0], [0.0, -0.0, 0.0, 0.0, 0.0, 0.0]], device=DEV)
     assert row_topk_ref(x, 4).tolist() == [[1, 2, 4, 3], [0, 1, 2, 3]]
     assert row_topk_triton(x, 4, chunk=4).tolist() == [[1, 2, 4, 3], [0, 1, 2, 3]]
 
 
 def test_sliced_vocabulary_is_read_through_its_stride():
     """The engine passes t_logits[..., :V] of a target with a wider vocabulary: a view, never copied."""
-    x = torch.randn(2, 3, 50)
+    x = torch.randn(2, 3, 50, device=DEV)
     assert torch.equal(row_topk_triton(x[..., :37], 5, chunk=16), row_topk_ref(x[..., :37].contiguous(), 5))
 
 
