@@ -4,8 +4,9 @@
                                equal values in index order (smallest first); NaN counts as -inf
 
 Why a kernel: in-context policies take the target's top-3 at every verification position, k tiny and V
-262k wide. `torch.topk` over [17, 262144] bf16 logits cost ~100 µs per decode step on the H200 (run 16:
-6-7 % of a Gemma-3-270M step), ~10x the 9 MB it reads. Here it is two passes:
+262k wide. `torch.topk` over [17, 262144] bf16 logits takes 82 µs on the H200 (5 % of a Gemma-3-270M
+step), ~20x the 4 µs its 9 MB read needs; this kernel takes 16 µs (365 -> 82 µs at batch 8; run 17,
+`benchmarks/bench_policy_step.py`). It is two passes:
 
     1. grid (rows, V / CHUNK): each program keeps its chunk's top-k (k rounds of max, then the smallest
        index holding it) -> candidates [rows, chunks, k] (values float32, indices; index BIG = none)
