@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..kernels.skinny_linear import skinny_linear
 from ..models.base import apply_logit_transform
 
 FORMAT = "microspec-eagle"
@@ -152,8 +153,10 @@ class EagleDrafter(nn.Module):
     def fuse(self, tokens: Tensor, features: Tensor) -> Tensor:
         """fc([embed(tokens) ; features]): tokens [B, T] (x_{t+1}), features [B, T, D] (f_t) -> [B, T, D],
         the layer's input (`embeds` of a model backend)."""
-        e = self.embed(tokens).to(features.dtype)
-        return self.fc(torch.cat([e, features], dim=-1))
+        x = torch.cat([self.embed(tokens).to(features.dtype), features], dim=-1)
+        if torch.is_grad_enabled():        # training: autograd through nn.Linear
+            return self.fc(x)
+        return skinny_linear(x, self.fc.weight, self.fc.bias)   # drafting: a few rows (see the kernel)
 
     def forward_train(self, input_ids: Tensor, features: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None) -> Tensor:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...kernels.skinny_linear import skinny_linear
+
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
@@ -127,7 +129,9 @@ class DecoderBlock(nn.Module):
     residual add and the next norm then fuse into one kernel even though each layer is compiled on its own.
 
     The fused matrices are copies made once here (the Hugging Face model is left untouched: its layer weights
-    are then held twice); o/down projections and norm weights are the model's own tensors. Subclasses set
+    are then held twice); o/down projections and norm weights are the model's own tensors. Every projection
+    goes through `microspec.kernels.skinny_linear`: F.linear, except for one row in half precision on a GPU
+    (a batch-1 decode step), where cuBLAS runs these narrow weights on a few SMs. Subclasses set
     `ln_in`, give the residual structure (`forward`) and may normalise q/k (`qk_norm`).
 
     Args:
@@ -169,19 +173,19 @@ class DecoderBlock(nn.Module):
                   slots: Tensor) -> Tensor:
         """Normed input h [B, T, D] -> attention output after o_proj [B, T, D]; writes K/V at `slots`."""
         B, T, _ = h.shape
-        q, k, v = F.linear(h, self.wqkv, self.bqkv).split(self.split, dim=-1)
+        q, k, v = skinny_linear(h, self.wqkv, self.bqkv).split(self.split, dim=-1)
         q = q.view(B, T, self.heads, self.head_dim)
         k = k.view(B, T, self.kv_heads, self.head_dim)
         v = v.view(B, T, self.kv_heads, self.head_dim)
         q, k = self.qk_norm(q, k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         write_kv(kv, rows, slots, k, v)
-        return F.linear(attend(q, kv[0], kv[1], mask, self.scale), self.wo, self.bo)
+        return skinny_linear(attend(q, kv[0], kv[1], mask, self.scale), self.wo, self.bo)
 
     def mlp(self, h: Tensor) -> Tensor:
         """Normed input h [B, T, D] -> down_proj(act(gate) * up) [B, T, D], gate and up in one GEMM."""
-        gate, up = F.linear(h, self.w13, self.b13).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.w2, self.b2)
+        gate, up = skinny_linear(h, self.w13, self.b13).chunk(2, dim=-1)
+        return skinny_linear(self.act(gate) * up, self.w2, self.b2)
 
 
 def run_block(block: DecoderBlock, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
