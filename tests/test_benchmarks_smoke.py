@@ -35,6 +35,16 @@ def test_policy_step_script_smoke():
     assert "microspec" in result.stdout and "ours" in result.stdout and "MISMATCH" not in result.stdout
 
 
+def test_linear_script_smoke():
+    """bench_linear.py times cuBLAS against the skinny kernel per projection; on the CPU (the kernel under the
+    Triton interpreter) it checks that both run and agree."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_linear.py"), "--smoke"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "step (2 layers)" in result.stdout and "REL ERR" not in result.stdout
+
+
 def test_e2e_script_replays_eval_traces(tmp_path):
     """A `microspec eval` trace file drives the replay; labels with a core size and a top-k suffix work, and
     a label without a trace is skipped, not run with made-up acceptance."""
