@@ -13,6 +13,8 @@
 #   bg NAME COMMAND..       any command (from /tmp/code) in the background, log /tmp/m/NAME.log
 #   wait SECONDS            until every background job has exited (or SECONDS passed); log tails
 #   collect                 trained heads, logs and the jobs' results (/tmp/m/out) into $OUT
+# FG=1 runs train, e2e and bg in the foreground of the call instead (log tail printed): a machine stays warm
+# only ~30 s after a call, so a job left running between calls is lost with it when the next call is late.
 # Background jobs write their results into /tmp/m/out (each call has its own $OUT; `collect` brings them).
 # Chunks: `split -b 37000000 FILE .carry/DIR/part` here; .carry/ and .whl/ are git-ignored.
 set -uo pipefail
@@ -25,6 +27,11 @@ step="$1"; shift
 
 background() {   # NAME COMMAND...: run COMMAND from $CODE, detached, logging to /tmp/m/NAME.log
   local name="$1"; shift
+  if [ -n "${FG:-}" ]; then
+    (cd "$CODE" && bash -c "$*") > "/tmp/m/$name.log" 2>&1; local rc=$?
+    grep -v "Convert\|Loading\|UserWarning\|capture_end\|warn\|^$\|softmax\|important use\|split the" \
+      "/tmp/m/$name.log" | tail -40; echo "$name exited $rc"; return "$rc"
+  fi
   # the job writes its own pid: setsid forks (and its pid exits) when the caller runs with job control
   (cd "$CODE" && setsid nohup bash -c "echo \$\$ > /tmp/m/$name.pid; $*" > "/tmp/m/$name.log" 2>&1 < /dev/null &)
   sleep 1; echo "started $name: $*"
