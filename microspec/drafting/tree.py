@@ -224,9 +224,10 @@ class TreeBuilder:
         to_block = torch.zeros(B, L + 1, dtype=torch.long, device=dev).scatter(1, sel, block)  # col L: root
         par = state.cand_parent.gather(1, sel)
         parents = to_block.gather(1, torch.where(par < 0, L, par))
-        c = torch.arange(L, device=dev)                                               # creation index
-        level = torch.where(c < k, 1, 2 + (c - k).clamp(min=0) // (k * k)).expand(B, -1)
-        return Drafts(tokens=state.cand_tokens.gather(1, sel), parents=parents, depth=level.gather(1, sel),
+        # depth from the creation index: the root's k children, then k*k per expansion. Computed on `sel`
+        # itself: a gather from an arange-derived floor division fails Inductor's CPU codegen (torch 2.13)
+        level = torch.where(sel < k, 1, 2 + (sel - k).clamp(min=0) // (k * k))
+        return Drafts(tokens=state.cand_tokens.gather(1, sel), parents=parents, depth=level,
                       valid=state.cand_scores.gather(1, sel) > float("-inf"),
                       slots=state.cand_slots.gather(1, sel),
                       tree_mask=ancestor_mask(parents, state.depth), max_depth=state.depth)
