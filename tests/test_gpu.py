@@ -98,3 +98,37 @@ def test_decode_step_never_syncs_on_cuda():
         run.draw_noise()
         with cuda_sync_errors():
             run.step()
+
+
+@pytest.mark.parametrize("C", [275, 3072, 262144])
+@pytest.mark.parametrize("ties", [False, True])
+def test_tree_builder_on_cuda_matches_the_reference_tie_rule(C, ties):
+    """The tree's top-k runs `row_topk` on CUDA: the same tree as the CPU builder, whose top-k is replaced by
+    `row_topk_ref` (ties by slot order), over an active set or a dense 262k vocabulary."""
+    from microspec.drafting import tree as tree_mod
+    from microspec.kernels import row_topk_ref
+
+    spec = tree_mod.TreeSpec(top_k=4, depth=4, total_tokens=16)
+    g = torch.Generator().manual_seed(C)
+    def logp(*shape):
+        x = torch.randn(*shape, C, generator=g)
+        if ties:                                            # few distinct values: most top-k picks are ties
+            x = (x * 2).round() / 2
+        return x.log_softmax(-1)
+    slot_ids = torch.randperm(1 << 20, generator=g)[:C].unsqueeze(0)
+    inputs = [logp(2)] + [logp(2, spec.top_k) for _ in range(spec.depth - 1)]
+
+    def build(device):
+        b = tree_mod.TreeBuilder(spec)
+        s = b.root(inputs[0].to(device), slot_ids.to(device))
+        for lp in inputs[1:]:
+            s = b.expand(s, lp.to(device))
+        d = b.finish(s)
+        return [t.cpu() for t in (d.tokens, d.parents, d.depth)]
+
+    got = build("cuda")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tree_mod, "row_topk", row_topk_ref)
+        want = build("cpu")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
