@@ -1,4 +1,5 @@
-"""The ids of the k largest entries of each row of a wide tensor: the target's top-k over its vocabulary.
+"""The ids of the k largest entries of each row of a wide tensor: the target's top-k over its vocabulary,
+and each depth's top-k of a draft tree (`drafting/tree.py`).
 
     row_topk(x [..., V], k) -> int64 [..., k]: per row, the indices of the k largest values, largest first;
                                equal values in index order (smallest first); NaN counts as -inf
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, next_pow2, tl, triton, triton_available_for
 
-MAX_K = 16             # the kernel unrolls k rounds; a policy asks for 3 (MicroSpec) or 10
+MAX_K = 16             # the kernel unrolls k rounds; a policy asks for 3 (MicroSpec) or 10, a tree its top_k
 CHUNK = 4096           # ids per first-pass program: 64 chunks x 17 rows = 1,088 programs for a Gemma block
 _NONE = 2**31 - 1      # "no candidate" index (a chunk narrower than k)
 
