@@ -66,7 +66,8 @@ def label_stages(run) -> None:
     _wrap(run.policy, "active", "policy")
     if prop.head is not None:
         _wrap(prop.head, "refresh", "refresh")
-    for name, label in (("run_layer", "draft.layer"), ("_logits", "draft.head"), ("observe", "observe")):
+    for name, label in (("run_layer", "draft.layer"), ("_logits", "draft.head"), ("_tree_logp", "draft.head"),
+                        ("observe", "observe")):       # _logits: chains; _tree_logp: tree levels
         if hasattr(prop, name):
             _wrap(prop, name, label)
     builder = getattr(prop, "builder", None)

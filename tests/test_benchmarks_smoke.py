@@ -103,7 +103,7 @@ def test_step_profile_counts_ops_per_stage_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     plain, spec = result.stdout.split("== microspec:3,3,8")
     assert "target" in plain and "draft.layer" not in plain
-    for stage in ("target", "draft.layer", "draft.tree", "verify", "commit", "policy.update"):
+    for stage in ("target", "draft.layer", "draft.head", "draft.tree", "verify", "commit", "policy.update"):
         assert f"   {stage} " in spec, stage
 
 
