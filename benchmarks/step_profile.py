@@ -5,9 +5,9 @@
     python benchmarks/step_profile.py --shape gemma3-270m --configs ...      # random weights, untrained head
 
 For each config (method[:tree]; tree = TOPK,DEPTH,TOKENS or chainK) it decodes the first prepared prompt of
-`benchmarks/real_e2e.py` (batch 1, greedy; with --shape: random weights at a `bench_plain.py` shape, a
-random 256-token prompt and an untrained head: the step's cost does not depend on the weights) to
-mid-request, then
+`benchmarks/real_e2e.py` (batch 1, greedy, or T = 1 with --sample; with --shape: random weights at a
+`bench_plain.py` shape, a random 256-token prompt and an untrained head: the step's cost does not depend on
+the weights) to mid-request, then
   * times the captured step (CUDA-graph replays, CUDA events): `step_us`, the number that decides speed;
   * profiles one eager step (same compiled kernels, launched one by one) with each stage wrapped in a
     `record_function` label, and reports per stage the kernels launched and their summed device time.
@@ -141,21 +141,22 @@ def graph_step_us(run, steps: int) -> float:
 
 def profile_config(text, target, eagle, ranking, ids, args) -> dict:
     from microspec import SpecDecoder
-    from microspec.baseline import PlainDecoder
-    method, tree, K = parse_config(text)
-    from microspec.baseline import NoDraft
+    from microspec.baseline import NoDraft, PlainDecoder
     from microspec.engine import DecodeRun, EngineParts
     from microspec.sampling import SamplingConfig
     method, tree, K = parse_config(text)
     mask = torch.ones_like(ids, dtype=torch.bool)
     cuda = ids.device.type == "cuda"
+    gen = torch.Generator(device=ids.device).manual_seed(0) if args.sample else None
     if method == "plain":   # PlainDecoder's run, built here to keep it (generate does not hand it out)
         lm = PlainDecoder(target, compile=cuda).lm
         parts = EngineParts(lm, NoDraft(), make_policy("eagle2", ranking), lm.vocab_size)
-        run = DecodeRun(parts, ids, mask, args.new, SamplingConfig(), [], cuda_graph=cuda)
+        run = DecodeRun(parts, ids, mask, args.new, SamplingConfig(do_sample=args.sample), [], gen,
+                        cuda_graph=cuda)
     else:
         dec = SpecDecoder(target, eagle, make_policy(method, ranking), K, tree=tree, compile=cuda)
-        run, _, _ = dec.new_run(ids, mask, args.new, eos_token_id=None, cuda_graph=cuda)
+        run, _, _ = dec.new_run(ids, mask, args.new, do_sample=args.sample, eos_token_id=None, generator=gen,
+                                cuda_graph=cuda)
     with torch.inference_mode():
         run.start()
         step_us = float("nan")
@@ -167,7 +168,9 @@ def profile_config(text, target, eagle, ranking, ids, args) -> dict:
             step_us = graph_step_us(run, args.steps)
         tokens = run.summary().tokens_per_step
         label_stages(run)
+        run.draw_noise()                       # sampling: fresh noise before every step (a no-op if greedy)
         run.step()                             # first eager step after wrapping (allocator warm-up)
+        run.draw_noise()
         with profiled(cuda) as prof:
             run.step()
     table = stage_table(prof)
@@ -223,16 +226,17 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=1024, help="budget: the timed steps must stay inside it")
     p.add_argument("--warm", type=int, default=20, help="graph replays before timing")
     p.add_argument("--steps", type=int, default=30, help="graph replays timed")
+    p.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy decoding")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"     # CPU: a smoke run (op counts, no times)
     target, eagle, ids, ranking, name = load(args, device)
-    result = {"env": environment(), "command": " ".join(sys.argv), "rows": []}
+    result = {"env": environment(), "command": " ".join(sys.argv), "sample": args.sample, "rows": []}
     for text in args.configs:
         row = profile_config(text, target, eagle, ranking, ids, args)
         result["rows"].append(row)
         print_row(row)
-        save(f"step_profile_{name}", result, args.out)
+        save(f"step_profile_{name}{'_sample' if args.sample else ''}", result, args.out)
     return 0
 
 
