@@ -44,8 +44,9 @@ from .verification import Verdict, verify
 class EngineParts:
     """What a run is made of. vocab_size: ids the policy may hold (the shared vocabulary, <= the target's).
     verifier: decides what a block commits (swap it to impose acceptance, as `benchmarks/bench_e2e.py`
-    does). compile: run the policy's per-step updates and the step's own arithmetic (`microspec.step_ops`)
-    through `microspec.compiling.compiled` (a tree step's in-context update alone is ~150 small ops)."""
+    does). compile: run the policy's per-step updates, the step's own arithmetic (`microspec.step_ops`) and
+    the library's verifier through `microspec.compiling.compiled` (a tree step's in-context update alone is
+    ~150 small ops)."""
 
     target: ModelBackend
     proposer: Proposer
@@ -97,6 +98,10 @@ class DecodeRun:
         self._compiled_update = compiled(parts.policy.on_step, parts.compile) if parts.compile else None
         self.ops = SimpleNamespace(**{name: compiled(getattr(step_ops, name), parts.compile)
                                       for name in step_ops.OPS})
+        # The library's verifier too: a sampled tree walk is ~20 small ops and a softmax over the vocabulary
+        # per depth. A verifier the caller swapped in runs as given.
+        self._verify = (compiled(verify, parts.compile) if parts.compile and parts.verifier is verify
+                        else parts.verifier)
         self.target = parts.target
         self.cfg, self.max_new, self.generator = cfg, max_new, generator
         self.observers, self.streamer = list(observers), streamer
@@ -239,7 +244,7 @@ class DecodeRun:
         hidden = self.target.forward(block, positions, slots, tree_mask=drafts.tree_mask)   # [B, N+1, D]
         t_logits = self.target.logits(hidden)                                            # [B, N+1, V]
         noise = (self.uniforms, self.next_noise) if self.cfg.do_sample else (None, None)
-        verdict = self.parts.verifier(drafts, t_logits, ids, self.cfg, *noise)
+        verdict = self._verify(drafts, t_logits, ids, self.cfg, *noise)
         path = verdict.path if verdict.path is not None else self.block[: verdict.tokens.shape[1]].expand(
             self.B, -1)                                                                  # [B, M]
         # Raise at the end (no sync here) where a committed token came from logits transformers refuses:

@@ -102,9 +102,9 @@ def test_tree_builder_compiles_once_per_depth_and_equals_eager(backend):
 @pytest.mark.parametrize("do_sample", [False, True])
 @pytest.mark.parametrize("tree", [None, (3, 3, 8)], ids=["chain", "tree"])
 def test_compiled_step_ops_and_policy_updates_equal_eager(do_sample, tree):
-    """A run whose engine compiles its step arithmetic (`microspec.step_ops`) and the policy's per-step
-    updates, as `SpecDecoder(compile=True)` does, decodes exactly what the uncompiled run decodes: same
-    tokens (greedy and sampled, same noise), same statistics."""
+    """A run whose engine compiles its step arithmetic (`microspec.step_ops`), the verifier and the policy's
+    per-step updates, as `SpecDecoder(compile=True)` does, decodes exactly what the uncompiled run decodes:
+    same tokens (greedy and sampled, same noise), same statistics."""
     import dataclasses
 
     from tiny_models import EOS, VOCAB, tiny_model
@@ -130,5 +130,6 @@ def test_compiled_step_ops_and_policy_updates_equal_eager(do_sample, tree):
                             torch.Generator().manual_seed(5))
             out = run.execute(ids, 0)
         assert hasattr(run.ops.cut_and_write, "_torchdynamo_orig_callable") == bool(compile)
+        assert hasattr(run._verify, "_torchdynamo_orig_callable") == bool(compile)
         results.append((out.sequences, out.stats.accepted_histogram, out.stats.coverage))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1:] == results[1][1:]

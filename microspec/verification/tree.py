@@ -96,24 +96,25 @@ def verify_tree_greedy(drafts: Drafts, target_logits: Tensor, max_depth: int | N
     return Verdict(n_acc, best.gather(1, path), path)
 
 
-def _probs_at(target_logits: Tensor, node: Tensor, cfg: SamplingConfig) -> Tensor:
-    """The target's processed distribution [B, V] at block index node [B]."""
-    B, _, V = target_logits.shape
-    row = target_logits.gather(1, node.view(B, 1, 1).expand(B, 1, V)).squeeze(1)
-    return safe_softmax(process_logits(row, cfg))[0]
+def _at(x: Tensor, node: Tensor) -> Tensor:
+    """x[b, node[b]]: x [B, N+1, ...] at block index node [B] -> [B, ...]."""
+    B = x.shape[0]
+    idx = node.view(B, 1, *([1] * (x.dim() - 2))).expand(B, 1, *x.shape[2:])
+    return x.gather(1, idx).squeeze(1)
 
 
-def _sibling_test(p: Tensor, tokens: Tensor, child: Tensor, same_before: Tensor, uniforms: Tensor) -> Tensor:
+def _sibling_test(p_tokens: Tensor, total: Tensor, child: Tensor, same_before: Tensor,
+                  uniforms: Tensor) -> Tensor:
     """bool [B, N]: child i passes its test given that every earlier child was rejected.
 
-    p [B, V] (float32 or float64), tokens int64 [B, N] in [0, V), child bool [B, N], uniforms float64 [B, N],
-    same_before bool [B, N, N] (same_before[b, i, j]: j < i and tokens equal).
+    p_tokens float64 [B, N] (p at node i's token, p the distribution at the current node), total float64 [B]
+    (Σp over the vocabulary), child bool [B, N], uniforms float64 [B, N], same_before bool [B, N, N]
+    (same_before[b, i, j]: j < i and tokens equal).
     """
     dup = (same_before & child.unsqueeze(1)).any(-1)                 # an earlier child carries the same token
     first = child & ~dup
-    mass = p.gather(1, tokens).double() * first                      # p(x_i) while still in play   [B, N]
-    total = p.sum(-1, keepdim=True, dtype=torch.float64)
-    remaining = total - (mass.cumsum(1) - mass)                      # Σp' when child i is tried
+    mass = p_tokens * first                                          # p(x_i) while still in play   [B, N]
+    remaining = total.unsqueeze(1) - (mass.cumsum(1) - mass)         # Σp' when child i is tried
     return first & (uniforms * remaining < mass)                     # strict: p'(x) = 0 never passes
 
 
@@ -143,14 +144,18 @@ def verify_tree_sampling(drafts: Drafts, target_logits: Tensor, cfg: SamplingCon
     live = drafts.valid & (drafts.tokens >= 0) & (drafts.tokens < V)
     before = torch.ones(N, N, dtype=torch.bool, device=dev).tril(-1)                  # [i, j]: j < i
     same_before = (tokens.unsqueeze(2) == tokens.unsqueeze(1)) & before                # [B, N, N]
+    # The target's distribution at every block index, once (the walk only gathers from it): the vocabulary-
+    # wide work is one pass over the block, not one per depth.
+    probs = safe_softmax(process_logits(target_logits, cfg))[0]                        # [B, N+1, V]
+    totals = probs.sum(-1, dtype=torch.float64)                                         # [B, N+1]
+    p_tokens = probs.gather(2, tokens.unsqueeze(1).expand(B, N + 1, N)).double()       # [B, N+1, N]: p_j(x_i)
     cur = torch.zeros(B, dtype=torch.long, device=dev)                                 # where the walk is
     n_acc = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)                      # stopped (leaf or all rejected)
     cols = [cur]
     for _ in range(min(D, N)):                                                         # static: one per depth
-        p = _probs_at(target_logits, cur, cfg)
         child = (drafts.parents == cur.unsqueeze(1)) & live & ~done.unsqueeze(1)       # [B, N]
-        acc = _sibling_test(p, tokens, child, same_before, uniforms)
+        acc = _sibling_test(_at(p_tokens, cur), _at(totals, cur), child, same_before, uniforms)
         moved = acc.any(1)
         done = done | ~moved
         cur = torch.where(moved, acc.long().argmax(1) + 1, cur)                        # first accepted child
@@ -158,7 +163,7 @@ def verify_tree_sampling(drafts: Drafts, target_logits: Tensor, cfg: SamplingCon
         cols.append(cur)
     cols += [cur] * (D + 1 - len(cols))
     path = torch.stack(cols, 1)                                                        # [B, D+1]
-    p = _probs_at(target_logits, cur, cfg)
+    p = _at(probs, cur)                                                                # [B, V]
     # A row that stopped has tried (and rejected) every child of cur; one that ran out of depth has not.
     tried = (drafts.parents == cur.unsqueeze(1)) & live & done.unsqueeze(1)
     removed = torch.zeros_like(p).scatter_add(1, tokens, tried.to(p.dtype)) > 0
