@@ -106,11 +106,24 @@ def safe_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     Returns (probs, has_mass) where has_mass [...] is False for those rows. NaN logits stay NaN (the caller
     flags them); they never turn into a valid-looking distribution.
     """
+    shift, denom, has_mass = softmax_stats(logits)
+    return softmax_apply(logits, shift, denom), has_mass
+
+
+def softmax_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`safe_softmax`'s per-row statistics of logits [..., V]: shift [..., 1], denom [..., 1], has_mass [...].
+    With them `softmax_apply` gives any entries of a row the values `safe_softmax` gives the whole row: the
+    sampled tree verifier needs the rows' sums and a few entries, never the whole distribution."""
     top = logits.amax(-1, keepdim=True)
     has_mass = top.squeeze(-1) > float("-inf")
-    probs = (logits - torch.where(has_mass.unsqueeze(-1), top, 0.0)).exp()
-    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-    return probs, has_mass
+    shift = torch.where(has_mass.unsqueeze(-1), top, 0.0)
+    denom = (logits - shift).exp().sum(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
+    return shift, denom, has_mass
+
+
+def softmax_apply(logits: Tensor, shift: Tensor, denom: Tensor) -> Tensor:
+    """exp(logits - shift) / denom, elementwise (shapes broadcast): entries of `safe_softmax`'s output."""
+    return (logits - shift).exp() / denom
 
 
 def exponential_race(weights: Tensor, exp_noise: Tensor) -> Tensor:

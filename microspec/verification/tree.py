@@ -37,7 +37,8 @@ from torch import Tensor
 
 from ..drafting.base import Drafts, Verdict
 from ..drafting.tree import ancestor_mask
-from ..sampling import SamplingConfig, exponential_race, process_logits, safe_softmax
+from ..sampling import (SamplingConfig, exponential_race, process_logits, safe_softmax, softmax_apply,
+                        softmax_stats)
 
 
 def _max_depth(N: int, max_depth: int | None) -> int:
@@ -144,11 +145,14 @@ def verify_tree_sampling(drafts: Drafts, target_logits: Tensor, cfg: SamplingCon
     live = drafts.valid & (drafts.tokens >= 0) & (drafts.tokens < V)
     before = torch.ones(N, N, dtype=torch.bool, device=dev).tril(-1)                  # [i, j]: j < i
     same_before = (tokens.unsqueeze(2) == tokens.unsqueeze(1)) & before                # [B, N, N]
-    # The target's distribution at every block index, once (the walk only gathers from it): the vocabulary-
-    # wide work is one pass over the block, not one per depth.
-    probs = safe_softmax(process_logits(target_logits, cfg))[0]                        # [B, N+1, V]
-    totals = probs.sum(-1, dtype=torch.float64)                                         # [B, N+1]
-    p_tokens = probs.gather(2, tokens.unsqueeze(1).expand(B, N + 1, N)).double()       # [B, N+1, N]: p_j(x_i)
+    # The target's distribution at every block index through per-row statistics, once: the walk needs each
+    # row's total and the drafted tokens' entries, the draw one row; the vocabulary-wide work is one pass
+    # over the block (no per-depth softmax), and a compiled step never writes the whole distribution out.
+    x = process_logits(target_logits, cfg)                                             # [B, N+1, V]
+    shift, denom, _ = softmax_stats(x)                                                 # [B, N+1, 1] each
+    totals = softmax_apply(x, shift, denom).sum(-1, dtype=torch.float64)               # [B, N+1]
+    x_tokens = x.gather(2, tokens.unsqueeze(1).expand(B, N + 1, N))                    # [B, N+1, N]
+    p_tokens = softmax_apply(x_tokens, shift, denom).double()                          # p_j(x_i)
     cur = torch.zeros(B, dtype=torch.long, device=dev)                                 # where the walk is
     n_acc = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)                      # stopped (leaf or all rejected)
@@ -163,7 +167,7 @@ def verify_tree_sampling(drafts: Drafts, target_logits: Tensor, cfg: SamplingCon
         cols.append(cur)
     cols += [cur] * (D + 1 - len(cols))
     path = torch.stack(cols, 1)                                                        # [B, D+1]
-    p = _at(probs, cur)                                                                # [B, V]
+    p = softmax_apply(_at(x, cur), _at(shift, cur), _at(denom, cur))                   # [B, V]
     # A row that stopped has tried (and rejected) every child of cur; one that ran out of depth has not.
     tried = (drafts.parents == cur.unsqueeze(1)) & live & done.unsqueeze(1)
     removed = torch.zeros_like(p).scatter_add(1, tokens, tried.to(p.dtype)) > 0
