@@ -98,8 +98,8 @@ class DecodeRun:
         self._compiled_update = compiled(parts.policy.on_step, parts.compile) if parts.compile else None
         self.ops = SimpleNamespace(**{name: compiled(getattr(step_ops, name), parts.compile)
                                       for name in step_ops.OPS})
-        # The library's verifier too: a sampled tree walk is ~20 small ops and a softmax over the vocabulary
-        # per depth. A verifier the caller swapped in runs as given.
+        # The library's verifier too: a sampled tree walk is ~20 small ops per depth around one pass over the
+        # block's vocabulary. A verifier the caller swapped in runs as given.
         self._verify = (compiled(verify, parts.compile) if parts.compile and parts.verifier is verify
                         else parts.verifier)
         self.target = parts.target

@@ -58,7 +58,7 @@ def _top_slots(logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     `row_topk` (Triton on CUDA): `torch.topk` over a dense 262k-slot row takes ~80 us per depth on the H200,
     most of EAGLE-2's tree bookkeeping, and ~11 us over a few hundred active slots; the kernel's two passes
-    take a few us either way, and it breaks ties by slot order on every device."""
+    take a few us either way, and break ties by slot order (elsewhere `row_topk` is `torch.topk`)."""
     if k == 1:                                                          # first index on ties, like chains
         slot = logp.argmax(-1, keepdim=True)
     else:
