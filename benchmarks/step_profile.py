@@ -62,7 +62,7 @@ def _wrap(obj, name: str, label: str) -> None:
 def label_stages(run) -> None:
     """Wrap the run's parts so every stage of `run.step()` runs under its label (instance attributes only:
     the classes are untouched)."""
-    parts, prop = run.parts, run.proposer
+    prop = run.proposer
     _wrap(run.policy, "active", "policy")
     if prop.head is not None:
         _wrap(prop.head, "refresh", "refresh")
@@ -76,7 +76,7 @@ def label_stages(run) -> None:
             _wrap(builder, name, "draft.tree")
     _wrap(run.target, "forward", "target")
     _wrap(run.target, "logits", "logits")
-    _wrap(parts, "verifier", "verify")
+    _wrap(run, "_verify", "verify")                    # the verifier as the step calls it
     _wrap(run, "_commit", "commit")
     _wrap(run, "_update_policy", "policy.update")      # inside commit: the policy's hooks ...
     _wrap(run, "_target_topk", "policy.topk")          # ... and the target's top-k they take
